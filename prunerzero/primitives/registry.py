@@ -1,0 +1,168 @@
+"""The one registry of operators: name, arity, torch implementation, SymPy counterpart.
+
+Everything else (the DEAP primitive set, tree evaluation, simplification, JSON) is generated from
+this table, so an operator cannot mean one thing in the search and another when pruning.
+
+Semantics follow the reference Pruner-Zero code, which is what the published tree was found with:
+``log(x) = log(|x| + 0.001)``, ``sqrt(x) = sqrt(|x|)``, ``exp`` clamps its input at 100, ``mms`` and
+``zsn`` are tensor-wide, and ``div(x, y) = x / ||y||`` (the Frobenius norm of the whole tensor y).
+
+Protection: every operator's output goes through :func:`finite`, which maps NaN to 0 and +-Inf to
+the largest finite float of the dtype. On top of that, each operator documents its own guard in
+``protection`` (for instance ``mms`` of a constant tensor is 0 instead of 0/0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+import torch
+
+TERMINALS: tuple[str, ...] = ("W", "G", "X")
+TERMINAL_MEANING = {
+    "W": "|weight| of the linear layer, shape (out, in)",
+    "G": "per-weight l2 norm of the loss gradient over the calibration windows (x100), shape (out, in)",
+    "X": "per-input-feature mean squared activation norm (Wanda's scaler_row), shape (1, in)",
+}
+
+LOG_EPS = 0.001
+EXP_CLAMP = 100.0
+
+
+def finite(t: torch.Tensor) -> torch.Tensor:
+    """Replace NaN by 0 and +-Inf by the largest finite value, so no NaN/Inf escapes an operator."""
+    big = torch.finfo(t.dtype).max
+    return torch.nan_to_num(t, nan=0.0, posinf=big, neginf=-big)
+
+
+# SymPy stand-ins for the tensor-wide operators. They are opaque functions: SymPy may not see
+# through them, which keeps simplification honest (mms(x) is not elementwise).
+class Mms(sympy.Function):
+    """Min-max scaling over the whole tensor."""
+
+
+class Zsn(sympy.Function):
+    """Z-score normalisation over the whole tensor."""
+
+
+class InvNorm(sympy.Function):
+    """1 / ||y|| over the whole tensor y (the reference ``div`` is x / ||y||)."""
+
+    is_positive = True
+
+
+def _mms(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    span = hi - lo
+    if not torch.isfinite(span) or span <= 0:
+        return torch.zeros_like(x)
+    return (x - lo) / span
+
+
+def _zsn(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    if not torch.isfinite(std) or std <= 0:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def _div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(y.float()).to(y.dtype)
+    if not torch.isfinite(norm) or norm <= 0:
+        return x
+    return x / norm
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One operator of the search space.
+
+    ``torch_fn`` takes ``arity`` tensors (broadcastable) and returns a tensor; ``sympy_fn`` takes
+    ``arity`` SymPy expressions. ``protection`` says how the torch version avoids NaN/Inf.
+    """
+
+    name: str
+    arity: int
+    torch_fn: Callable[..., torch.Tensor]
+    sympy_fn: Callable[..., sympy.Expr]
+    protection: str
+    elementwise: bool = True
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if len(args) != self.arity:
+            raise TypeError(f"operator {self.name} takes {self.arity} argument(s), got {len(args)}")
+        return finite(self.torch_fn(*args))
+
+
+OPERATORS: dict[str, Operator] = {}
+
+
+def register(op: Operator) -> Operator:
+    """Add an operator after checking it: unique name, and finite output on zeros, negatives,
+    large values and mixed inputs (gplearn's lesson: check an operator when it is registered)."""
+    if op.name in OPERATORS or op.name in TERMINALS:
+        raise ValueError(f"operator name {op.name!r} is already taken")
+    if op.arity not in (1, 2):
+        raise ValueError(f"operator {op.name!r}: arity must be 1 or 2, got {op.arity}")
+    probes = [
+        torch.zeros(4, 6),
+        -torch.rand(4, 6) - 0.5,
+        torch.full((4, 6), 1e30),
+        torch.randn(4, 6) * 1e20,
+        torch.ones(4, 6),
+    ]
+    for a in probes:
+        for b in probes if op.arity == 2 else [None]:
+            out = op(a) if b is None else op(a, b)
+            if out.shape != a.shape or not torch.isfinite(out).all():
+                raise ValueError(f"operator {op.name!r} is not protected: non-finite or wrong shape")
+    OPERATORS[op.name] = op
+    return op
+
+
+register(Operator("add", 2, torch.add, lambda a, b: a + b, "none needed beyond finite()"))
+register(Operator("sub", 2, torch.sub, lambda a, b: a - b, "none needed beyond finite()"))
+register(Operator("mul", 2, torch.mul, lambda a, b: a * b, "overflow to Inf clamped by finite()"))
+register(Operator(
+    "div", 2, _div, lambda a, b: a * InvNorm(b),
+    "x / ||y|| (tensor-wide norm, as in the reference); ||y|| = 0 or non-finite returns x",
+    elementwise=False,
+))
+register(Operator("abs", 1, torch.abs, sympy.Abs, "none needed"))
+register(Operator("neg", 1, torch.neg, lambda a: -a, "none needed"))
+register(Operator("sqr", 1, torch.square, lambda a: a**2, "overflow to Inf clamped by finite()"))
+register(Operator(
+    "sqrt", 1, lambda x: torch.sqrt(torch.abs(x)), lambda a: sympy.sqrt(sympy.Abs(a)),
+    "sqrt(|x|): defined for negative inputs",
+))
+register(Operator(
+    "exp", 1, lambda x: torch.exp(x.clamp(max=EXP_CLAMP)), sympy.exp,
+    f"input clamped at {EXP_CLAMP:g} (as in the reference); fp32 overflow clamped by finite()",
+))
+# SymPy drops the 0.001 of the protected log so that exp(log(x)) and log(exp(x)) cancel (the
+# paper's OOS). Every simplification is checked numerically on masks before it is accepted.
+register(Operator(
+    "log", 1, lambda x: torch.log(torch.abs(x) + LOG_EPS), lambda a: sympy.log(sympy.Abs(a)),
+    f"log(|x| + {LOG_EPS:g}): defined for zero and negative inputs",
+))
+register(Operator("tanh", 1, torch.tanh, sympy.tanh, "bounded, none needed"))
+register(Operator(
+    "sigmoid", 1, torch.sigmoid, lambda a: 1 / (1 + sympy.exp(-a)), "bounded, none needed",
+))
+register(Operator(
+    "mms", 1, _mms, Mms, "min-max scale over the whole tensor; a constant tensor gives 0",
+    elementwise=False,
+))
+register(Operator(
+    "zsn", 1, _zsn, Zsn, "z-score over the whole tensor (unbiased std); zero std gives 0",
+    elementwise=False,
+))
+
+# The reference search space (Pruner-Zero's gptree.py, minus its aliases pow=sqr and skp=identity).
+DEFAULT_OPERATORS: tuple[str, ...] = (
+    "add", "sub", "mul", "div", "abs", "neg", "sqr", "sqrt", "exp", "log", "tanh", "mms", "zsn",
+)

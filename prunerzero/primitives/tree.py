@@ -1,0 +1,318 @@
+"""Expression trees over the registry: prefix lists of node names, like DEAP's PrimitiveTree.
+
+A :class:`Tree` is an immutable tuple of names in prefix order (``("mul", "W", "G")``). It converts
+to and from the Pruner-Zero JSON format (``{"data": "mul", "left": {...}, "right": {...}}``), a
+formula string (``mul(W, G)``, the same text DEAP prints), SymPy, and a torch score tensor.
+Parsing never calls ``eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import sympy
+import torch
+
+from prunerzero.errors import UserError
+from prunerzero.primitives.registry import OPERATORS, TERMINALS, InvNorm, Mms, Zsn
+
+# Statistics are non-negative (|W|, an l2 norm, a mean of squares); telling SymPy so lets it
+# cancel sqrt(x**2) and Abs(x) exactly as the torch semantics do on these inputs.
+SYMBOLS: dict[str, sympy.Symbol] = {name: sympy.Symbol(name, positive=True) for name in TERMINALS}
+
+
+def _arity(name: str) -> int:
+    return OPERATORS[name].arity if name in OPERATORS else 0
+
+
+class Tree:
+    """An immutable expression tree stored as a prefix tuple of operator and terminal names."""
+
+    __slots__ = ("nodes",)
+
+    def __init__(self, nodes: Iterable[str]):
+        nodes = tuple(nodes)
+        need = 1
+        for i, name in enumerate(nodes):
+            if name not in OPERATORS and name not in TERMINALS:
+                raise UserError(
+                    f"unknown node {name!r} at position {i} of the tree; known operators: "
+                    f"{', '.join(sorted(OPERATORS))}; terminals: {', '.join(TERMINALS)}"
+                )
+            if need == 0:
+                raise UserError(f"tree has extra nodes after position {i - 1}: {' '.join(nodes)}")
+            need += _arity(name) - 1
+        if need != 0 or not nodes:
+            raise UserError(f"tree is incomplete (missing {need} operand(s)): {' '.join(nodes)}")
+        object.__setattr__(self, "nodes", nodes)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("Tree is immutable")
+
+    # ---------------------------------------------------------------- basic properties
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tree) and other.nodes == self.nodes
+
+    def __hash__(self) -> int:
+        return hash(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __repr__(self) -> str:
+        return f"Tree({str(self)!r})"
+
+    @property
+    def height(self) -> int:
+        """Depth of the deepest node; a lone terminal has height 0 (DEAP's convention)."""
+        stack: list[int] = [0]
+        best = 0
+        for name in self.nodes:
+            depth = stack.pop()
+            best = max(best, depth)
+            stack.extend([depth + 1] * _arity(name))
+        return best
+
+    @property
+    def terminals(self) -> set[str]:
+        return {n for n in self.nodes if n in TERMINALS}
+
+    @property
+    def operators(self) -> set[str]:
+        return {n for n in self.nodes if n in OPERATORS}
+
+    # ---------------------------------------------------------------- nested form
+    def _nested(self) -> Any:
+        """Nested tuples ``(name, child, ...)``; terminals are plain strings."""
+        stack: list[Any] = []
+        for name in reversed(self.nodes):
+            k = _arity(name)
+            if k == 0:
+                stack.append(name)
+            else:
+                children = [stack.pop() for _ in range(k)]
+                stack.append((name, *children))
+        return stack[0]
+
+    @classmethod
+    def _from_nested(cls, nested: Any) -> "Tree":
+        out: list[str] = []
+
+        def walk(n: Any) -> None:
+            if isinstance(n, str):
+                out.append(n)
+            else:
+                out.append(n[0])
+                for c in n[1:]:
+                    walk(c)
+
+        walk(nested)
+        return cls(out)
+
+    # ---------------------------------------------------------------- formula text
+    def __str__(self) -> str:
+        def fmt(n: Any) -> str:
+            if isinstance(n, str):
+                return n
+            return f"{n[0]}({', '.join(fmt(c) for c in n[1:])})"
+
+        return fmt(self._nested())
+
+    @classmethod
+    def parse(cls, text: str) -> "Tree":
+        """Parse ``mul(abs(W), sqrt(X))``. Only names, parentheses and commas are accepted."""
+        tokens = re.findall(r"[A-Za-z_][A-Za-z_0-9]*|[(),]|\S", text)
+        nodes: list[str] = []
+        for tok in tokens:
+            if tok in "(),":
+                continue
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*", tok):
+                raise UserError(f"unexpected character {tok!r} in formula {text!r}")
+            nodes.append(tok)
+        tree = cls(nodes)
+        if re.sub(r"\s", "", str(tree)) != re.sub(r"\s", "", text):
+            raise UserError(f"formula {text!r} is not well formed; expected e.g. mul(abs(W), sqrt(X))")
+        return tree
+
+    # ---------------------------------------------------------------- Pruner-Zero JSON
+    def to_json(self) -> dict[str, Any]:
+        def enc(n: Any) -> dict[str, Any]:
+            if isinstance(n, str):
+                return {"data": n}
+            d: dict[str, Any] = {"data": n[0], "left": enc(n[1])}
+            if len(n) > 2:
+                d["right"] = enc(n[2])
+            return d
+
+        return enc(self._nested())
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Tree":
+        """Read the Pruner-Zero format; errors name the offending node's place (``root.left``)."""
+
+        def dec(d: Any, where: str) -> Any:
+            if not isinstance(d, Mapping) or "data" not in d:
+                raise UserError(f"tree node at {where} must be an object with a 'data' key, got {d!r}")
+            name = d["data"]
+            if name not in OPERATORS and name not in TERMINALS:
+                raise UserError(
+                    f"unknown operator or terminal {name!r} at {where}; known operators: "
+                    f"{', '.join(sorted(OPERATORS))}; terminals: {', '.join(TERMINALS)}"
+                )
+            k = _arity(name)
+            children = [c for c in ("left", "right") if d.get(c) is not None]
+            expected = ["left", "right"][:k]
+            if children != expected:
+                raise UserError(
+                    f"node {name!r} at {where} takes {k} operand(s) ({', '.join(expected) or 'none'})"
+                    f", found {', '.join(children) or 'none'}"
+                )
+            if k == 0:
+                return name
+            return (name, *[dec(d[c], f"{where}.{c}") for c in expected])
+
+        return cls._from_nested(dec(data, "root"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tree":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tree file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"tree file {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        # Our export files wrap trees in {"trees": [{"tree": ...}, ...]}; take the best one.
+        if isinstance(data, Mapping) and "trees" in data and "data" not in data:
+            if not data["trees"]:
+                raise UserError(f"tree file {path} holds no trees")
+            data = data["trees"][0]["tree"]
+        return cls.from_json(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    # ---------------------------------------------------------------- torch evaluation
+    def evaluate(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Score tensor for one layer. ``stats`` maps terminal names to tensors; the result has
+        the broadcast shape of all the terminals given (``(out, in)`` for a linear layer)."""
+        missing = self.terminals - set(stats)
+        if missing:
+            raise UserError(f"tree {self} needs statistic(s) {', '.join(sorted(missing))}, not computed")
+        shape = torch.broadcast_shapes(*(t.shape for t in stats.values()))
+        stack: list[torch.Tensor] = []
+        for name in reversed(self.nodes):
+            if name in TERMINALS:
+                stack.append(stats[name])
+            else:
+                op = OPERATORS[name]
+                args = [stack.pop() for _ in range(op.arity)]
+                if op.arity == 2:
+                    args = list(torch.broadcast_tensors(*args))
+                stack.append(op(*args))
+        out = stack[0]
+        return out.expand(shape) if out.shape != shape else out
+
+    # ---------------------------------------------------------------- SymPy
+    def to_sympy(self) -> sympy.Expr:
+        stack: list[sympy.Expr] = []
+        for name in reversed(self.nodes):
+            if name in TERMINALS:
+                stack.append(SYMBOLS[name])
+            else:
+                op = OPERATORS[name]
+                stack.append(op.sympy_fn(*[stack.pop() for _ in range(op.arity)]))
+        return stack[0]
+
+    @classmethod
+    def from_sympy(cls, expr: sympy.Expr) -> "Tree | None":
+        """Rebuild a tree from a SymPy expression; None where the operator set cannot express it
+        (numeric constants other than -1 and 2, negative powers, ...)."""
+        try:
+            return cls._from_nested(_sympy_to_nested(expr))
+        except _Inexpressible:
+            return None
+
+
+class _Inexpressible(Exception):
+    pass
+
+
+_BY_SYMBOL = {v: k for k, v in SYMBOLS.items()}
+
+
+def _chain(op: str, parts: list[Any]) -> Any:
+    out = parts[0]
+    for p in parts[1:]:
+        out = (op, out, p)
+    return out
+
+
+def _sympy_to_nested(e: sympy.Expr) -> Any:
+    if e in _BY_SYMBOL:
+        return _BY_SYMBOL[e]
+    if isinstance(e, sympy.Add):
+        pos, neg = [], []
+        for term in e.as_ordered_terms():
+            coeff, rest = term.as_coeff_Mul()
+            if coeff == -1:
+                neg.append(_sympy_to_nested(rest))
+            else:
+                pos.append(_sympy_to_nested(term))
+        if not pos:
+            return ("neg", _chain("add", neg))
+        out = _chain("add", pos)
+        for n in neg:
+            out = ("sub", out, n)
+        return out
+    if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == -1:
+            return ("neg", _sympy_to_nested(rest))
+        if coeff != 1:
+            raise _Inexpressible(e)
+        factors = list(sympy.Mul.make_args(e))
+        norms = [f for f in factors if isinstance(f, InvNorm)]
+        others = [f for f in factors if not isinstance(f, InvNorm)]
+        if norms:
+            if not others:
+                raise _Inexpressible(e)
+            num = _chain("mul", [_sympy_to_nested(f) for f in others])
+            for n in norms:
+                num = ("div", num, _sympy_to_nested(n.args[0]))
+            return num
+        return _chain("mul", [_sympy_to_nested(f) for f in factors])
+    if isinstance(e, sympy.Pow):
+        base, ex = e.args
+        b = _sympy_to_nested(base)
+        if ex == 2:
+            return ("sqr", b)
+        if ex == sympy.Rational(1, 2):
+            return ("sqrt", b)
+        if ex == 3:
+            return ("mul", ("sqr", b), b)
+        if ex == 4:
+            return ("sqr", ("sqr", b))
+        if ex == sympy.Rational(3, 2):
+            return ("mul", b, ("sqrt", b))
+        if ex == sympy.Rational(1, 4):
+            return ("sqrt", ("sqrt", b))
+        raise _Inexpressible(e)
+    if isinstance(e, sympy.Abs):
+        return ("abs", _sympy_to_nested(e.args[0]))
+    if isinstance(e, sympy.log):
+        arg = e.args[0]
+        inner = arg.args[0] if isinstance(arg, sympy.Abs) else arg
+        return ("log", _sympy_to_nested(inner))
+    if isinstance(e, sympy.exp):
+        return ("exp", _sympy_to_nested(e.args[0]))
+    if isinstance(e, sympy.tanh):
+        return ("tanh", _sympy_to_nested(e.args[0]))
+    if isinstance(e, Mms):
+        return ("mms", _sympy_to_nested(e.args[0]))
+    if isinstance(e, Zsn):
+        return ("zsn", _sympy_to_nested(e.args[0]))
+    raise _Inexpressible(e)

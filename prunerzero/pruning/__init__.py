@@ -1,0 +1,1 @@
+"""Models, calibration data, statistics, masks, pruning methods, perplexity, saving."""

@@ -1,0 +1,145 @@
+"""Text data: where it is, how it is read, how calibration windows are drawn.
+
+Data are resolved in one place, in this order: a path given by the user, the ``PRUNERZERO_DATA``
+environment variable, the ``shared/data`` folder beside the project checkout, then the hub (via
+``datasets``). Sources are named ``wikitext2``, ``c4``, or a path to a local text file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from prunerzero.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+_C4_FILES = {"train": "c4/c4_sample.jsonl", "validation": "c4/c4_validation_2k.parquet"}
+
+
+def data_roots(configured: str | Path | None = None) -> list[Path]:
+    """Candidate data folders, most specific first."""
+    roots: list[Path] = []
+    if configured:
+        roots.append(Path(configured).expanduser())
+    if os.environ.get("PRUNERZERO_DATA"):
+        roots.append(Path(os.environ["PRUNERZERO_DATA"]).expanduser())
+    here = Path(__file__).resolve()
+    roots += [here.parents[3] / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "data"]
+    return roots
+
+
+def find_data_file(relative: str, data_dir: str | Path | None = None) -> Path | None:
+    for root in data_roots(data_dir):
+        if (root / relative).is_file():
+            return root / relative
+    return None
+
+
+def _wikitext_rows_from_file(path: Path) -> list[str]:
+    # Exactly the rows the `datasets` wikitext builder yields: each line with its newline,
+    # or "" where the line is blank.
+    with open(path, encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+@lru_cache(maxsize=8)
+def text_rows(source: str, split: str, data_dir: str | None = None) -> tuple[str, ...]:
+    """Rows of a named source and split, from local files first, then the hub."""
+    if source == "wikitext2":
+        if split not in _WIKITEXT_FILES:
+            raise UserError(f"wikitext2 has splits {', '.join(_WIKITEXT_FILES)}, not {split!r}")
+        path = find_data_file(f"wikitext-2/{_WIKITEXT_FILES[split]}", data_dir)
+        if path is not None:
+            return tuple(_wikitext_rows_from_file(path))
+        return tuple(_hub_rows("wikitext", "wikitext-2-raw-v1", split, f"wikitext-2/{_WIKITEXT_FILES[split]}"))
+    if source == "c4":
+        if split not in _C4_FILES:
+            raise UserError(f"c4 has splits {', '.join(_C4_FILES)}, not {split!r}")
+        path = find_data_file(_C4_FILES[split], data_dir)
+        if path is not None and path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return tuple(json.loads(line)["text"] for line in f if line.strip())
+        if path is not None:
+            import datasets
+
+            return tuple(datasets.load_dataset("parquet", data_files=str(path), split="train")["text"])
+        shard = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}[split]
+        return tuple(_hub_rows("allenai/c4", None, "train", _C4_FILES[split], data_files={"train": shard}))
+    path = Path(source).expanduser()
+    if path.is_file():
+        return tuple(path.read_text(encoding="utf-8").splitlines(keepends=True))
+    raise UserError(f"data source {source!r} is neither wikitext2, c4, nor an existing text file")
+
+
+def _hub_rows(name: str, config: str | None, split: str, local: str, **kwargs: object) -> list[str]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, config, split=split, **kwargs)["text"])
+    except Exception as e:  # the hub is unreachable or the dataset is missing
+        raise UserError(
+            f"cannot find {local} locally (looked in {', '.join(str(r) for r in data_roots())}; set "
+            f"PRUNERZERO_DATA) and cannot load {name} from the hub: {str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+def joined_tokens(tokenizer: object, source: str, split: str, sep: str, data_dir: str | None = None) -> torch.Tensor:
+    """All rows joined with ``sep`` and tokenized once, as a 1-D tensor of token ids."""
+    text = sep.join(text_rows(source, split, data_dir))
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def eval_tokens(tokenizer: object, source: str = "wikitext2", split: str = "test", data_dir: str | None = None) -> torch.Tensor:
+    """Tokens of an evaluation text, rows joined with "\\n\\n" (the reference perplexity protocol)."""
+    return joined_tokens(tokenizer, source, split, "\n\n", data_dir)
+
+
+def calibration_windows(
+    tokenizer: object,
+    source: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    split: str | None = None,
+    data_dir: str | None = None,
+) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, shape (nsamples, seqlen), seeded.
+
+    WikiText and text files: rows joined with " ", tokenized once, each window's start drawn with
+    ``randint(0, n_tokens - seqlen - 1)``. C4: as the reference code, draw documents until one is
+    longer than ``seqlen`` tokens, then a window inside it. A private ``random.Random(seed)`` gives
+    the reference sequence without touching the global RNG.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise UserError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    rng = random.Random(seed)
+    split = split or ("train" if source == "c4" else "validation")
+    if source == "c4":
+        docs = text_rows(source, split, data_dir)
+        out = []
+        for _ in range(nsamples):
+            for _attempt in range(10 * len(docs)):
+                ids = tokenizer(docs[rng.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
+                if ids.numel() > seqlen:
+                    break
+            else:
+                raise UserError(f"no C4 document is longer than seqlen={seqlen} tokens; use a smaller --seqlen")
+            start = rng.randint(0, ids.numel() - seqlen - 1)
+            out.append(ids[start : start + seqlen])
+        return torch.stack(out)
+    ids = joined_tokens(tokenizer, source, split, " ", data_dir)
+    if ids.numel() < seqlen + 2:
+        raise UserError(
+            f"calibration text {source}:{split} has {ids.numel()} tokens, too short for windows of "
+            f"{seqlen}; use a smaller --seqlen or a longer text"
+        )
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])

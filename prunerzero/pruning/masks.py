@@ -1,0 +1,93 @@
+"""The one mask routine shared by every method.
+
+A mask is a boolean tensor, True where a weight is pruned (set to zero). The comparison group is
+explicit: ``row`` ranks the scores of each output row against each other (Wanda's and
+Pruner-Zero's choice), ``tensor`` ranks the whole tensor at once (SparseGPT's choice inside a
+column block). N:M prunes the N lowest scores of each group of M consecutive inputs of a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from prunerzero.errors import UserError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """``unstructured`` (n = m = 0) or ``N:M``."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        text = str(text).strip()
+        if text == "unstructured":
+            return cls()
+        parts = text.split(":")
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            n, m = int(parts[0]), int(parts[1])
+            if 0 < n < m:
+                return cls(n, m)
+        raise UserError(f"pattern {text!r} is not understood; use 'unstructured', '2:4' or '4:8' (N:M with 0 < N < M)")
+
+
+def check_sparsity(sparsity: float, pattern: Pattern) -> float:
+    """Validate a target sparsity against a pattern (N:M fixes the sparsity to N/M)."""
+    try:
+        sparsity = float(sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"sparsity {sparsity!r} is not a number; give a fraction such as 0.5") from None
+    if not 0.0 < sparsity < 1.0:
+        raise UserError(f"sparsity {sparsity} is outside (0, 1); give a fraction such as 0.5")
+    if pattern.structured and abs(sparsity - pattern.n / pattern.m) > 1e-9:
+        raise UserError(
+            f"pattern {pattern} prunes exactly {pattern.n / pattern.m:g} of the weights, but sparsity "
+            f"{sparsity:g} was asked; use --sparsity {pattern.n / pattern.m:g} or --pattern unstructured"
+        )
+    return sparsity
+
+
+def prune_mask(
+    scores: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern = Pattern(),
+    group: Literal["row", "tensor"] = "row",
+) -> torch.Tensor:
+    """Boolean mask (True = prune) of the lowest-scoring weights of a 2-D score tensor.
+
+    ``row``: in each row the ``int(in * sparsity)`` lowest scores, stable sort (ties go to the
+    lower column index), exactly as the reference Wanda code. ``tensor``: every score at or below
+    the ``int(numel * sparsity)``-th smallest, as the reference SparseGPT code.
+    N:M ignores ``group``: in each row and each group of M columns, the N lowest scores.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D, got shape {tuple(scores.shape)}")
+    scores = scores.float()
+    rows, cols = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if pattern.structured:
+        if cols % pattern.m:
+            raise UserError(f"a layer with {cols} inputs cannot be split into groups of {pattern.m}")
+        grouped = scores.reshape(rows, cols // pattern.m, pattern.m)
+        idx = torch.topk(grouped, pattern.n, dim=-1, largest=False).indices
+        return mask.reshape(rows, cols // pattern.m, pattern.m).scatter_(-1, idx, True).reshape(rows, cols)
+    if group == "row":
+        k = int(cols * sparsity)
+        idx = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
+        return mask.scatter_(1, idx, True)
+    if group == "tensor":
+        thresh = torch.sort(scores.flatten()).values[int(scores.numel() * sparsity)]
+        return scores <= thresh
+    raise ValueError(f"unknown comparison group {group!r}")

@@ -1,0 +1,240 @@
+"""Pruning methods: magnitude, wanda, sparsegpt and any symbolic tree, over one mask routine.
+
+Scores come from a method (or a tree) per linear layer; :func:`prune_mask` turns them into masks;
+weights under the mask are set to zero. Methods that need activations (wanda, trees using ``X``,
+sparsegpt) walk the decoder block by block with :func:`iterate_blocks`, as the reference code does:
+each block sees the outputs of the already pruned blocks before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prunerzero.errors import UserError
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
+from prunerzero.pruning.masks import Pattern, prune_mask
+from prunerzero.pruning.models import prunable_linears
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "tree")
+WANDA_TREE = Tree.parse("mul(abs(W), sqrt(X))")
+MAGNITUDE_TREE = Tree.parse("abs(W)")
+PRUNER_ZERO_TREE = Tree.parse("mul(abs(mul(W, W)), mms(G))")
+
+# A score function gets the layer's name, |W| and the statistics it may use (X of shape (1, in),
+# G of shape (out, in)) and returns a score tensor of W's shape.
+ScoreFn = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def tree_score(tree: Tree) -> ScoreFn:
+    return lambda _name, stats: tree.evaluate(stats)
+
+
+def magnitude_score(_name: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    return stats["W"]
+
+
+def wanda_score(_name: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Wanda's metric as written in its paper and code: |W| * sqrt(scaler_row).
+    return stats["W"] * torch.sqrt(stats["X"])
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    sparsity_target: float
+    seconds: float
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sparsity_actual(self) -> float:
+        return layer_sparsity_total(self.layer_sparsity_counts)
+
+    layer_sparsity_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def layer_sparsity_total(counts: Mapping[str, tuple[int, int]]) -> float:
+    zeros = sum(z for z, _ in counts.values())
+    total = sum(t for _, t in counts.values())
+    return zeros / total if total else 0.0
+
+
+def measure_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(zeros, total) of every prunable linear layer's weight."""
+    return {n: (int((l.weight == 0).sum()), l.weight.numel()) for n, l in prunable_linears(model).items()}
+
+
+def layer_stats(weight: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    stats = {"W": weight.detach().abs().float()}
+    if x is not None:
+        stats["X"] = x.reshape(1, -1).float()
+    if g is not None:
+        stats["G"] = g.float()
+    return stats
+
+
+def score_masks(
+    model: nn.Module,
+    score: ScoreFn,
+    sparsity: float,
+    pattern: Pattern,
+    activations: Mapping[str, torch.Tensor] | None = None,
+    gradients: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks of every prunable layer from statistics computed beforehand (no calibration pass)."""
+    masks = {}
+    for name, lin in prunable_linears(model).items():
+        s = score(name, layer_stats(lin.weight, _get(activations, name), _get(gradients, name)))
+        masks[name] = prune_mask(s, sparsity, pattern)
+    return masks
+
+
+def _get(stats: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    return None if stats is None else stats.get(name)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the masked weights in place; returns the values removed, for :func:`restore_masks`."""
+    linears = prunable_linears(model)
+    removed = {}
+    for name, mask in masks.items():
+        w = linears[name].weight.data
+        removed[name] = w[mask].clone()
+        w[mask] = 0
+    return removed
+
+
+@torch.no_grad()
+def restore_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], removed: Mapping[str, torch.Tensor]) -> None:
+    """Put back exactly the values :func:`apply_masks` removed (bitwise)."""
+    linears = prunable_linears(model)
+    for name, mask in masks.items():
+        linears[name].weight.data[mask] = removed[name]
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
+    blocksize: int = 128, percdamp: float = 0.01,
+) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023): choose masks block by block from w^2 / [H^-1]_ii^2 and
+    update the remaining weights with the optimal-brain-surgeon correction. Returns the new weight."""
+    W = weight.detach().clone().float()
+    H = hessian.clone()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H[torch.arange(cols), torch.arange(cols)] += damp
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise UserError("SparseGPT: the Hessian is not positive definite; use more calibration samples") from None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+        if pattern.structured:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = prune_mask(W1**2 / d1.reshape(1, -1) ** 2, sparsity, pattern, group="tensor")
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if pattern.structured and i % pattern.m == 0:
+                group = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].reshape(1, -1) ** 2
+                mask1[:, i : i + pattern.m] = prune_mask(group, sparsity, pattern)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W.to(weight.dtype)
+
+
+def prune_model(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    pattern: Pattern,
+    windows: torch.Tensor | None = None,
+    tree: Tree | None = None,
+    gradients: Mapping[str, torch.Tensor] | None = None,
+    activations: Mapping[str, torch.Tensor] | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place and report what was done.
+
+    ``activations`` given: X is taken from it (the "statistics once per run" mode) and no
+    calibration pass is made. Otherwise methods that need X or a Hessian walk the blocks with the
+    calibration ``windows`` (the reference, sequential mode).
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "tree" and tree is None:
+        raise UserError("method tree needs a tree: --tree FILE.json (or --tree pruner-zero)")
+    score: ScoreFn = {"magnitude": magnitude_score, "wanda": wanda_score}.get(method) or (tree_score(tree) if tree else magnitude_score)
+    needs = {"magnitude": {"W"}, "wanda": {"W", "X"}, "sparsegpt": {"W", "H"}, "tree": tree.terminals if tree else set()}[method]
+    if "G" in needs and gradients is None:
+        raise UserError(f"{'tree ' + str(tree) if tree else method} uses G: gradients are needed")
+    start = time.perf_counter()
+    names = {id(m): n for n, m in model.named_modules()}
+    if ("X" in needs and activations is None) or "H" in needs:
+        if windows is None:
+            raise UserError(f"method {method} needs calibration windows (--nsamples, --seqlen)")
+        bar = tqdm(desc=f"prune {method}", unit="block")
+
+        def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStatistics]) -> bool:
+            for short, lin in linears.items():
+                name = names[id(lin)]
+                if "H" in needs:
+                    lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, sparsity, pattern)
+                else:
+                    s = score(name, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)))
+                    lin.weight.data[prune_mask(s, sparsity, pattern)] = 0
+            return True
+
+        iterate_blocks(model, windows, on_block, hessian="H" in needs,
+                       progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
+        bar.close()
+    else:
+        masks = score_masks(model, score, sparsity, pattern, activations, gradients)
+        apply_masks(model, masks)
+    seconds = time.perf_counter() - start
+    counts = measure_sparsity(model)
+    report = PruneReport(method, str(pattern), sparsity, seconds,
+                         {n: z / t for n, (z, t) in counts.items()}, counts)
+    log.info("pruned with %s (%s, target %.3f): actual sparsity %.4f in %.1f s",
+             method if method != "tree" else f"tree {tree}", pattern, sparsity, report.sparsity_actual, seconds)
+    return report
+
+
+def is_degenerate(scores: torch.Tensor) -> str | None:
+    """Why a score tensor cannot rank weights (non-finite or constant), or None if it can."""
+    if not torch.isfinite(scores).all():
+        return "scores contain NaN or Inf"
+    if scores.numel() > 1 and bool((scores == scores.flatten()[0]).all()):
+        return "scores are constant"
+    return None
+
+
+def ppl_from_losses(losses: list[float]) -> float:
+    return math.exp(sum(losses) / len(losses))

@@ -1,0 +1,135 @@
+"""Per-weight statistics: X (activation norms) and G (gradient l2 norms), with an on-disk cache.
+
+``G`` follows the Pruner-Zero / GBLM-Pruner gradient computation: one backward pass of the
+language-modelling loss per calibration window, gradients scaled by 100, squares accumulated,
+square root at the end. It is the expensive statistic, so it is cached as safetensors under a key
+made of everything it depends on (model, data, split, seed, nsamples, seqlen, scale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from prunerzero.errors import UserError
+from prunerzero.pruning.layerwise import iterate_blocks
+from prunerzero.pruning.models import model_device, prunable_linears
+
+log = logging.getLogger(__name__)
+
+GRADIENT_SCALE = 100.0
+
+
+def compute_gradients(model: nn.Module, windows: torch.Tensor, scale: float = GRADIENT_SCALE) -> dict[str, torch.Tensor]:
+    """Per-weight l2 norm over the windows of ``scale * dLoss/dW`` for every prunable linear layer."""
+    linears = prunable_linears(model)
+    device = model_device(model)
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for lin in linears.values():
+        lin.weight.requires_grad_(True)
+    sums = {n: torch.zeros_like(l.weight, dtype=torch.float32) for n, l in linears.items()}
+    start = time.perf_counter()
+    try:
+        for row in tqdm(windows, desc="gradients", unit="window"):
+            for lin in linears.values():
+                lin.weight.grad = None
+            ids = row.unsqueeze(0).to(device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for n, lin in linears.items():
+                sums[n] += (lin.weight.grad.float() * scale) ** 2
+    finally:
+        for lin in linears.values():
+            lin.weight.grad = None
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    log.info("gradients of %d windows in %.1f s", len(windows), time.perf_counter() - start)
+    return {n: s.sqrt_() for n, s in sums.items()}
+
+
+def collect_activation_norms(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X of every prunable linear layer from the dense model in one pass (the "once per run" mode)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(_i: int, linears: dict, stats: dict) -> bool:
+        for short, lin in linears.items():
+            out[names[id(lin)]] = stats[short].scaler_row.clone()
+        return False
+
+    bar = tqdm(total=None, desc="activations", unit="block")
+    iterate_blocks(model, windows, keep, progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
+    bar.close()
+    return out
+
+
+def cache_key(**parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+_REFERENCE_KEY = re.compile(r"^(?P<name>.+)_layer_(?P<i>\d+)$")
+
+
+def load_gradients(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Load a gradient file (ours: safetensors; or the reference code's ``.pth`` dict keyed
+    ``self_attn.q_proj_layer_0``) and check it against the model's layers and shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"gradient file {path} does not exist; compute one with `prunerzero gradients`")
+    try:
+        if path.suffix == ".safetensors":
+            grads = load_file(str(path))
+        else:
+            grads = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read gradient file {path}: {str(e).splitlines()[0][:200]}") from None
+    linears = prunable_linears(model)
+    prefix = next(iter(linears)).split(".layers.")[0]
+    renamed = {}
+    for k, v in grads.items():
+        m = _REFERENCE_KEY.match(k)
+        renamed[f"{prefix}.layers.{m['i']}.{m['name']}" if m and k not in linears else k] = v
+    missing = [n for n in linears if n not in renamed]
+    if missing:
+        raise UserError(f"gradient file {path} has no entry for layer {missing[0]} ({len(missing)} missing); was it computed for this model?")
+    for n, lin in linears.items():
+        if tuple(renamed[n].shape) != tuple(lin.weight.shape):
+            raise UserError(
+                f"gradient file {path}: layer {n} has shape {tuple(renamed[n].shape)} but the model's "
+                f"weight is {tuple(lin.weight.shape)}; the file was computed for another model"
+            )
+    device = model_device(model)
+    return {n: renamed[n].to(device=device, dtype=torch.float32) for n in linears}
+
+
+def cached_gradients(
+    model: nn.Module, windows: torch.Tensor, cache_dir: Path, key_parts: dict[str, object], scale: float = GRADIENT_SCALE
+) -> dict[str, torch.Tensor]:
+    """Gradients from the cache when the key matches, else computed and stored."""
+    key = cache_key(kind="gradients", scale=scale, **key_parts)
+    path = Path(cache_dir) / f"gradients-{key}.safetensors"
+    if path.is_file():
+        log.info("gradients from cache %s", path)
+        return load_gradients(path, model)
+    grads = compute_gradients(model, windows, scale)
+    save_tensors_atomic(grads, path, metadata={k: str(v) for k, v in key_parts.items()})
+    log.info("gradients cached at %s", path)
+    return grads
