@@ -87,20 +87,30 @@ def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
 
 
-def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
-    """Prune per the flags; returns the report."""
-    from prunerzero.pruning.calibration import Calibration, gradients_for
+def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
+    """Validate the pruning flags before anything is loaded: (pattern, sparsity, tree)."""
     from prunerzero.pruning.masks import Pattern, check_sparsity
-    from prunerzero.pruning.prune import prune_model
-    from prunerzero.pruning.stats import load_gradients
 
     pattern = Pattern.parse(args.pattern)
-    sparsity = check_sparsity(args.sparsity if args.sparsity is not None else (pattern.n / pattern.m if pattern.structured else 0.5), pattern)
+    default = pattern.n / pattern.m if pattern.structured else 0.5
+    sparsity = check_sparsity(args.sparsity if args.sparsity is not None else default, pattern)
     tree = resolve_tree(args.tree) if args.tree else None
     if args.method == "tree" and tree is None:
         raise UserError("--method tree needs --tree FILE.json (or --tree pruner-zero for the published metric)")
     if args.method != "tree" and tree is not None:
         raise UserError(f"--tree is only used with --method tree, not {args.method}")
+    if args.gradients and not Path(args.gradients).is_file():
+        raise UserError(f"gradient file {args.gradients} does not exist; compute one with `prunerzero gradients`")
+    return pattern, sparsity, tree
+
+
+def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
+    """Prune per the flags; returns the report."""
+    from prunerzero.pruning.calibration import Calibration, gradients_for
+    from prunerzero.pruning.prune import prune_model
+    from prunerzero.pruning.stats import load_gradients
+
+    pattern, sparsity, tree = check_prune_args(args)
     needs_calib = args.method in ("wanda", "sparsegpt") or (tree is not None and tree.terminals & {"X", "G"})
     calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
     windows = calib.windows(tokenizer) if needs_calib else None
@@ -115,6 +125,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from prunerzero.pruning.models import load_model
     from prunerzero.pruning.perplexity import perplexity
 
+    check_prune_args(args)
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
     report = prune_from_args(args, model, tokenizer, source)
     result: dict[str, Any] = {
@@ -164,6 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from prunerzero.pruning.zeroshot import check_tasks
 
         check_tasks(args.tasks.split(","), args.data_dir)
+    if args.method:
+        check_prune_args(args)
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
     result: dict[str, Any] = {"model": args.model}
     if args.method:
@@ -224,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands with a `register(subparsers)` function.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["prunerzero.search.commands", "prunerzero.pruning.finetune"]
 
 
 def main(argv: list[str] | None = None) -> int:

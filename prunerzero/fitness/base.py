@@ -1,0 +1,57 @@
+"""The evaluator interface: the search hands over trees and gets fitnesses back.
+
+The search knows nothing of models. Fitness is a number to minimise (perplexity for the model
+evaluators); a tree that cannot be evaluated gets :data:`WORST_FITNESS` and a recorded reason.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from prunerzero.primitives.tree import Tree
+
+# Finite so that checkpoints stay strict JSON; far above any perplexity a real metric reaches.
+WORST_FITNESS = 1e12
+
+
+@dataclass
+class FitnessResult:
+    fitness: float
+    reason: str | None = None  # why the tree got the worst fitness, if it did
+    mask_key: str | None = None  # hash of the masks the tree induced, when known
+    seconds: float = 0.0
+    cached: str | None = None  # "mask" when the fitness came from an identical earlier mask set
+    timings: dict[str, float] | None = None  # seconds spent in score+mask, apply/restore, forward
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FitnessResult":
+        return cls(**d)
+
+    @classmethod
+    def worst(cls, reason: str, seconds: float = 0.0) -> "FitnessResult":
+        return cls(WORST_FITNESS, reason=reason, seconds=seconds)
+
+
+class Evaluator(ABC):
+    """Evaluates batches of trees. Implementations: in-process, Ray actor pool, and cheap ones
+    used by tests. ``fingerprint`` describes what the fitness means (resume refuses a change)."""
+
+    @abstractmethod
+    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]: ...
+
+    def remember(self, mask_fitness: dict[str, float]) -> None:
+        """Seed the mask-level cache with fitnesses known from earlier generations (resume)."""
+
+    def close(self) -> None:
+        """Release workers and memory."""
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,190 @@
+"""Fitness of a tree on a real model: scores -> masks -> prune -> perplexity -> restore.
+
+:class:`ModelFitness` holds one model, its statistics and the fitness tokens, and evaluates trees
+one after another; both the in-process evaluator and each Ray actor own one. The dense weights are
+never copied: pruning saves only the values it zeroes and puts exactly those back.
+
+Statistics modes:
+- ``once`` (default): X and G come from the dense model, computed once per run and cached in the
+  run folder; a candidate costs its masks plus the fitness forward pass.
+- ``sequential``: the reference procedure; X is re-collected block by block on the partly pruned
+  model for every candidate (a calibration pass per candidate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from prunerzero.errors import UserError
+from prunerzero.fitness.base import Evaluator, FitnessResult
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.calibration import Calibration, gradients_for
+from prunerzero.pruning.data import joined_tokens
+from prunerzero.pruning.masks import Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.models import load_model, prunable_linears
+from prunerzero.pruning.perplexity import window_losses
+from prunerzero.pruning.prune import apply_masks, layer_stats, prune_model, restore_masks
+from prunerzero.pruning.stats import cache_key, collect_activation_norms, save_tensors_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitnessSettings:
+    """Everything a fitness value depends on. Two runs with equal settings give equal fitnesses."""
+
+    model: str = "smollm2-135m"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    calibration: Calibration = field(default_factory=Calibration)
+    text: str = "wikitext2"  # the fitness text: never the test split
+    split: str = "validation"
+    seqlen: int = 1024
+    windows: int = 2  # token budget = windows * seqlen
+    stats_mode: str = "once"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity, Pattern.parse(self.pattern))
+        if self.split == "test":
+            raise UserError("the fitness text must not be the test split (it is kept for final reports); use validation")
+        if self.stats_mode not in ("once", "sequential"):
+            raise UserError(f"stats_mode must be 'once' or 'sequential', not {self.stats_mode!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("device")
+        d["calibration"] = self.calibration.key()
+        return d
+
+
+def mask_key(masks: dict[str, torch.Tensor]) -> str:
+    """Hash of a whole mask set: equal keys mean equal pruned models, so equal fitness."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(np.packbits(masks[name].cpu().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, settings: FitnessSettings,
+                       run_dir: Path) -> Path:
+    """Compute X and G from the dense model once and store them in the run folder."""
+    key = cache_key(kind="stats", model=source.fingerprint, **settings.calibration.key())
+    path = Path(run_dir) / f"statistics-{key}.safetensors"
+    if path.is_file():
+        return path
+    windows = settings.calibration.windows(tokenizer)
+    grads = gradients_for(model, source, windows, settings.calibration, Path(run_dir))
+    acts = collect_activation_norms(model, windows)
+    tensors = {f"G::{n}": g for n, g in grads.items()} | {f"X::{n}": x for n, x in acts.items()}
+    save_tensors_atomic(tensors, path, metadata={"model": settings.model})
+    log.info("statistics of %d layers stored in %s", len(acts), path)
+    return path
+
+
+class ModelFitness:
+    """One model, its statistics and fitness tokens; evaluates trees one at a time."""
+
+    def __init__(self, settings: FitnessSettings, run_dir: str | Path, model: Any = None, tokenizer: Any = None,
+                 source: Any = None):
+        self.settings = settings
+        self.pattern = Pattern.parse(settings.pattern)
+        if model is None:
+            model, tokenizer, source = load_model(settings.model, settings.device)
+        self.model, self.tokenizer = model, tokenizer
+        self.linears = prunable_linears(model)
+        stats = load_file(str(prepare_statistics(model, tokenizer, source, settings, Path(run_dir))))
+        dev = next(model.parameters()).device
+        self.gradients = {k[3:]: v.to(dev) for k, v in stats.items() if k.startswith("G::")}
+        self.activations = {k[3:]: v.to(dev) for k, v in stats.items() if k.startswith("X::")}
+        tokens = joined_tokens(tokenizer, settings.text, settings.split, "\n\n", settings.calibration.data_dir)
+        need = settings.windows * settings.seqlen
+        if tokens.numel() < need:
+            raise UserError(f"fitness text {settings.text}:{settings.split} has {tokens.numel()} tokens, fewer than "
+                            f"the budget of {settings.windows} x {settings.seqlen}")
+        self.tokens = tokens[:need]
+        self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
+        self.known_masks: dict[str, float] = {}
+
+    def masks(self, tree: Tree) -> dict[str, torch.Tensor] | str:
+        """The tree's masks, or the reason it cannot rank weights."""
+        masks = {}
+        for name, lin in self.linears.items():
+            scores = tree.evaluate(layer_stats(lin.weight, self.activations.get(name), self.gradients.get(name)))
+            if not torch.isfinite(scores).all():
+                return f"scores contain NaN or Inf in {name}"
+            if bool((scores.amax(dim=1) == scores.amin(dim=1)).all()):
+                return f"scores are constant in every row of {name}"
+            masks[name] = prune_mask(scores, self.settings.sparsity, self.pattern)
+        return masks
+
+    def forward_loss(self) -> float:
+        losses = window_losses(self.model, self.tokens, self.settings.seqlen, self.settings.windows, progress=False)
+        return float(np.exp(np.mean(losses)))
+
+    def evaluate(self, tree: Tree) -> FitnessResult:
+        start = time.perf_counter()
+        if self.settings.stats_mode == "sequential":
+            return self._evaluate_sequential(tree, start)
+        masks = self.masks(tree)
+        if isinstance(masks, str):
+            return FitnessResult.worst(masks, time.perf_counter() - start)
+        key = mask_key(masks)
+        t_mask = time.perf_counter()
+        if key in self.known_masks:
+            return FitnessResult(self.known_masks[key], mask_key=key, seconds=t_mask - start, cached="mask")
+        removed = apply_masks(self.model, masks)
+        t_apply = time.perf_counter()
+        try:
+            ppl = self.forward_loss()
+        finally:
+            t_fwd = time.perf_counter()
+            restore_masks(self.model, masks, removed)
+        t_end = time.perf_counter()
+        self.known_masks[key] = ppl
+        timings = {"score_mask": t_mask - start, "apply_restore": (t_apply - t_mask) + (t_end - t_fwd),
+                   "forward": t_fwd - t_apply}
+        return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings)
+
+    def _evaluate_sequential(self, tree: Tree, start: float) -> FitnessResult:
+        dense = {n: l.weight.data.clone() for n, l in self.linears.items()}
+        try:
+            prune_model(self.model, "tree", self.settings.sparsity, self.pattern, windows=self.calib_windows,
+                        tree=tree, gradients=self.gradients)
+            ppl = self.forward_loss()
+        finally:
+            for n, l in self.linears.items():
+                l.weight.data.copy_(dense[n])
+        return FitnessResult(ppl, seconds=time.perf_counter() - start)
+
+
+class InProcessEvaluator(Evaluator):
+    """Evaluates trees one after another in this process."""
+
+    def __init__(self, settings: FitnessSettings, run_dir: str | Path, fitness: ModelFitness | None = None):
+        self.fitness = fitness or ModelFitness(settings, run_dir)
+
+    def remember(self, mask_fitness: dict[str, float]) -> None:
+        self.fitness.known_masks.update(mask_fitness)
+
+    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]:
+        out = []
+        for tree in trees:
+            try:
+                out.append(self.fitness.evaluate(tree))
+            except UserError:
+                raise
+            except Exception as e:  # a tree must never stop the search
+                log.warning("tree %s failed: %s", tree, e)
+                out.append(FitnessResult.worst(f"{type(e).__name__}: {e}"))
+        return out

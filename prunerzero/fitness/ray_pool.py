@@ -1,0 +1,497 @@
+"""Fitness on a pool of Ray actors, each holding one model and its statistics for the whole run.
+
+The driver prepares the statistics once (cached in the run folder), then starts ``workers``
+actors; each loads the model, the statistics and the fitness tokens once and then evaluates
+formula strings one after another (a :class:`~prunerzero.fitness.model_fitness.ModelFitness` per
+actor, so fitnesses equal those of the in-process evaluator). A batch is spread dynamically: a
+free actor takes the next tree. Results come back in input order.
+
+Faults never stop the search:
+
+- a tree that raises gets the worst fitness with the exception as reason;
+- a tree that takes longer than ``timeout_s`` gets the worst fitness, reason
+  ``"timeout after N s"``; an actor that has not answered ``timeout_s`` (plus a short grace for
+  the answer in transit) after the tree was sent is stuck: it is killed and replaced;
+- an actor that dies (crash, OOM kill, lost node) is replaced and its tree re-run, at most
+  ``max_restarts`` times per tree, then the tree gets the worst fitness.
+
+Configuration problems fail fast with :class:`~prunerzero.errors.UserError` before any tree is
+evaluated: an unreachable cluster, more CPUs or GPUs per worker than the cluster has, a model a
+worker cannot load.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from prunerzero.errors import UserError
+from prunerzero.fitness.base import Evaluator, FitnessResult
+from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.models import load_model, resolve_model
+from prunerzero.pruning.stats import cache_key
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0  # TCP check of a cluster address before ray.init, which can hang
+KILL_GRACE_S = 2.0  # past timeout_s + this, an actor that has not answered is stuck
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How the actor pool is laid out.
+
+    ``address``: ``None`` starts a local Ray instance (stopped again by :meth:`RayEvaluator.close`;
+    if this process already has a Ray session, that one is used and left running); ``"auto"`` or
+    ``"host:port"`` joins a running cluster. ``timeout_s`` bounds one tree; ``startup_timeout_s``
+    bounds one worker's start (process, model, statistics, fitness tokens). ``max_restarts`` is
+    how often a tree is re-run on a fresh worker after the worker died under it.
+    """
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    address: str | None = None
+    timeout_s: float = 600.0
+    max_restarts: int = 3
+    startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"workers must be at least 1, not {self.workers}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise UserError("cpus_per_worker and gpus_per_worker must not be negative")
+        if self.threads_per_worker < 1:
+            raise UserError(f"threads_per_worker must be at least 1, not {self.threads_per_worker}")
+        if self.timeout_s <= 0 or self.startup_timeout_s <= 0:
+            raise UserError("timeout_s and startup_timeout_s must be positive")
+        if self.max_restarts < 0:
+            raise UserError(f"max_restarts must not be negative, not {self.max_restarts}")
+
+
+def statistics_path(settings: FitnessSettings, run_dir: str | Path) -> Path:
+    """Where :func:`prepare_statistics` keeps the statistics of these settings, without loading the model."""
+    source = resolve_model(settings.model)
+    key = cache_key(kind="stats", model=source.fingerprint, **settings.calibration.key())
+    return Path(run_dir) / f"statistics-{key}.safetensors"
+
+
+def _one_line(e: BaseException | str, limit: int = 400) -> str:
+    """A short description of an error: Ray errors carry whole tracebacks; keep the cause."""
+    if isinstance(e, BaseException):
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            e = cause
+        text = str(e).strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        name = type(e).__name__
+        text = f"{name}: {lines[0]}" if lines else name
+    else:
+        text = e.strip().splitlines()[0] if e.strip() else "unknown error"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class FitnessWorker:
+    """The body of one Ray actor: a :class:`ModelFitness` built once, then one tree at a time.
+
+    Construction never raises: a failure is kept and reported by :meth:`ready`, so the driver
+    gets one clean line instead of an actor-death traceback.
+    """
+
+    def __init__(self, settings: FitnessSettings, run_dir: str, threads: int):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        torch.set_num_threads(threads)
+        self.fitness: ModelFitness | None = None
+        self.error: str | None = None
+        try:
+            self.fitness = ModelFitness(settings, run_dir)
+        except Exception as e:  # reported by ready()
+            self.error = _one_line(e)
+            log.error("worker could not start: %s", self.error)
+
+    def ready(self) -> str | None:
+        """None when the worker can evaluate, else why it cannot."""
+        return self.error
+
+    def evaluate(self, text: str) -> FitnessResult:
+        start = time.perf_counter()
+        try:
+            return self.fitness.evaluate(Tree.parse(text))
+        except UserError:
+            raise
+        except Exception as e:  # a tree must never stop the search
+            log.warning("tree %s failed: %s", text, e)
+            return FitnessResult.worst(_one_line(e), time.perf_counter() - start)
+
+    def remember(self, mask_fitness: dict[str, float]) -> None:
+        if self.fitness is not None:
+            self.fitness.known_masks.update(mask_fitness)
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this worker process (Linux reports ru_maxrss in KiB)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class _Slot:
+    """One place in the pool: the current actor and whether it is starting or busy."""
+
+    handle: Any
+    started: float  # monotonic time the actor was created
+    ready_ref: Any = None  # pending result of ready() while the actor starts
+    job: Any = None  # ObjectRef of the tree it evaluates, if any
+
+
+@dataclass
+class _Job:
+    slot: _Slot
+    index: int
+    sent: float  # monotonic time the tree was sent
+
+
+class RayEvaluator(Evaluator):
+    """Evaluates trees on a pool of long-lived Ray actors (see the module docstring)."""
+
+    def __init__(self, settings: FitnessSettings, run_dir: str | Path, ray_settings: RaySettings | None = None):
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.ray_settings = ray_settings or RaySettings()
+        self._slots: list[_Slot] = []
+        self._running: dict[Any, _Job] = {}
+        self._known: dict[str, float] = {}
+        self._owns_ray = False
+        self._closed = False
+        self._start_failures = 0  # consecutive replacement workers that failed to start
+        self.replaced = 0  # workers replaced after death, timeout or a failed start
+        self.deaths = 0  # workers that died under a tree
+        self.timeouts = 0  # trees that ran past timeout_s
+
+        if settings.device.startswith("cuda") and self.ray_settings.gpus_per_worker <= 0:
+            raise UserError(f"device {settings.device!r} needs gpus_per_worker > 0 (Ray hides GPUs from workers "
+                            "without one)")
+        stats = statistics_path(settings, self.run_dir)  # also fails fast on a missing model path
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._connect()
+            self._check_resources()
+            driver_prepares = not stats.is_file() and _device_available(settings.device)
+            if driver_prepares:
+                self._prepare_statistics(stats)
+            # Without the statistics (the driver cannot use the device), the first worker computes
+            # them into the run folder and the others start once it is ready and load them.
+            first = 1 if not stats.is_file() else self.ray_settings.workers
+            self._start_workers(first)
+            if first < self.ray_settings.workers:
+                self._start_workers(self.ray_settings.workers - first)
+        except BaseException:
+            self.close()
+            raise
+        rs = self.ray_settings
+        log.info("Ray pool of %d worker(s) ready (%g CPU, %g GPU, %d thread(s) each)", rs.workers,
+                 rs.cpus_per_worker, rs.gpus_per_worker, rs.threads_per_worker)
+
+    # ------------------------------------------------------------------ setup
+    def _connect(self) -> None:
+        address = self.ray_settings.address
+        if address not in (None, "auto"):
+            _check_reachable(address)
+        if ray.is_initialized():
+            log.info("using the Ray session already open in this process")
+            return
+        try:
+            if address is None:
+                needed = math.ceil(self.ray_settings.workers * self.ray_settings.cpus_per_worker)
+                ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+                         logging_level=logging.WARNING)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, TimeoutError) as e:
+            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {_one_line(e)}") from None
+        self._owns_ray = True
+
+    def _check_resources(self) -> None:
+        res, workers = ray.cluster_resources(), self.ray_settings.workers
+        for kind, per in (("CPU", self.ray_settings.cpus_per_worker), ("GPU", self.ray_settings.gpus_per_worker)):
+            have = res.get(kind, 0.0)
+            if per > have:
+                raise UserError(f"each worker asks for {per:g} {kind}(s) but the Ray cluster has {have:g}; "
+                                f"lower {kind.lower()}s_per_worker")
+            if per * workers > have + 1e-9:
+                fit = int(have // per)
+                raise UserError(f"{workers} workers x {per:g} {kind}(s) need {per * workers:g} but "
+                                f"the Ray cluster has {have:g}; use workers={fit} or fewer {kind}s per worker")
+
+    def _prepare_statistics(self, expected: Path) -> None:
+        log.info("computing the statistics once in the driver")
+        model, tokenizer, source = load_model(self.settings.model, self.settings.device)
+        try:
+            path = prepare_statistics(model, tokenizer, source, self.settings, self.run_dir)
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if path != expected:  # the workers would compute them again, each; correct but slow
+            log.warning("statistics stored as %s, expected %s", path, expected)
+
+    def _new_actor(self) -> _Slot:
+        threads = str(self.ray_settings.threads_per_worker)
+        cls = _remote_worker().options(
+            num_cpus=self.ray_settings.cpus_per_worker, num_gpus=self.ray_settings.gpus_per_worker, max_restarts=0,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
+        )
+        handle = cls.remote(self.settings, str(self.run_dir), self.ray_settings.threads_per_worker)
+        slot = _Slot(handle, time.monotonic())
+        slot.ready_ref = handle.ready.remote()
+        if self._known:
+            handle.remember.remote(dict(self._known))
+        return slot
+
+    def _start_workers(self, n: int) -> None:
+        """Start n workers and wait until all can evaluate; the first failure is a UserError."""
+        new = [self._new_actor() for _ in range(n)]
+        self._slots += new
+        deadline = time.monotonic() + self.ray_settings.startup_timeout_s
+        pending = {s.ready_ref: s for s in new}
+        warned = False
+        while pending:
+            wait = max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait if warned else min(wait, 30.0))
+            if not done and not warned and time.monotonic() < deadline:
+                warned = True
+                log.warning("%d Ray worker(s) still starting after 30 s (each needs %g CPU, %g GPU; the cluster has "
+                            "%s available)", len(pending), self.ray_settings.cpus_per_worker,
+                            self.ray_settings.gpus_per_worker,
+                            _free_resources())
+                continue
+            if not done:
+                raise UserError(f"{len(pending)} Ray worker(s) did not start within "
+                                f"{self.ray_settings.startup_timeout_s:g} s; "
+                                "are the requested CPUs/GPUs free in the cluster?")
+            for ref in done:
+                slot = pending.pop(ref)
+                slot.ready_ref = None
+                error = _ready_error(ref)
+                if error:
+                    raise UserError(f"a Ray worker could not load model {self.settings.model!r}: {error}")
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def actors(self) -> list[Any]:
+        """The current actor handles, one per worker (for tests and diagnostics)."""
+        return [s.handle for s in self._slots]
+
+    def remember(self, mask_fitness: dict[str, float]) -> None:
+        """Seed every worker's mask cache (and those of future replacements)."""
+        self._known.update(mask_fitness)
+        for slot in self._slots:  # actor calls run in order, so this lands before later trees
+            slot.handle.remember.remote(dict(mask_fitness))
+
+    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]:
+        if self._closed:
+            raise UserError("this Ray evaluator is closed")
+        texts = [str(t) for t in trees]
+        first: dict[str, int] = {}
+        for i, text in enumerate(texts):
+            first.setdefault(text, i)
+        queue = deque(sorted(set(first.values())))
+        results: dict[int, FitnessResult] = {}
+        deaths: dict[int, int] = {}
+        try:
+            while queue or self._running:
+                self._dispatch(queue, texts)
+                self._step(queue, results, deaths)
+        except BaseException:  # KeyboardInterrupt included: leave no worker running, re-raise
+            self.close()
+            raise
+        out = []
+        for i, text in enumerate(texts):
+            r = results[first[text]]
+            if first[text] != i:  # a repeated formula: the same masks, as the in-process cache would say
+                r = FitnessResult(r.fitness, reason=r.reason, mask_key=r.mask_key,
+                                  cached="mask" if r.mask_key else None)
+            out.append(r)
+        self._share({r.mask_key: r.fitness for r in results.values()
+                     if r.mask_key and r.reason is None and not r.cached})
+        return out
+
+    def close(self) -> None:
+        """Kill the workers and end the Ray session this evaluator opened (if it opened one)."""
+        if self._closed:
+            return
+        self._closed = True
+        if ray.is_initialized():
+            for slot in self._slots:
+                _kill(slot.handle)
+        self._slots.clear()
+        self._running.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    # ------------------------------------------------------------------ scheduling
+    def _dispatch(self, queue: deque, texts: list[str]) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if not queue:
+                return
+            if slot.ready_ref is None and slot.job is None:
+                index = queue.popleft()
+                ref = slot.handle.evaluate.remote(texts[index])
+                slot.job = ref
+                self._running[ref] = _Job(slot, index, now)
+
+    def _step(self, queue: deque, results: dict[int, FitnessResult], deaths: dict[int, int]) -> None:
+        """Wait for one answer (a tree or a starting worker) or the next deadline, and handle it."""
+        starting = {s.ready_ref: s for s in self._slots if s.ready_ref is not None}
+        refs = list(self._running) + list(starting)
+        if not refs:
+            raise RuntimeError("Ray pool has trees to evaluate but no worker")  # cannot happen
+        timeout = self.ray_settings.timeout_s
+        limit = timeout + KILL_GRACE_S
+        deadlines = [j.sent + limit for j in self._running.values()]
+        deadlines += [s.started + self.ray_settings.startup_timeout_s for s in starting.values()]
+        wait = max(0.0, min(deadlines) - time.monotonic())
+        done, _ = ray.wait(refs, num_returns=1, timeout=wait)
+        for ref in done:
+            if ref in self._running:
+                self._finish(ref, queue, results, deaths)
+            else:
+                self._started(starting[ref])
+        now = time.monotonic()
+        for ref, job in list(self._running.items()):
+            if now - job.sent > limit:  # stuck: its actor can serve no more trees
+                del self._running[ref]
+                self.timeouts += 1
+                log.warning("tree %d timed out after %g s; replacing its worker", job.index, timeout)
+                results[job.index] = FitnessResult.worst(f"timeout after {timeout:g} s", now - job.sent)
+                self._replace(job.slot)
+        for slot in list(starting.values()):
+            if slot.ready_ref is not None and now - slot.started > self.ray_settings.startup_timeout_s:
+                self._failed_start(slot, f"did not start within {self.ray_settings.startup_timeout_s:g} s")
+
+    def _finish(self, ref: Any, queue: deque, results: dict[int, FitnessResult], deaths: dict[int, int]) -> None:
+        job = self._running.pop(ref)
+        job.slot.job = None
+        try:
+            result = ray.get(ref)
+        except UserError as e:  # as the in-process evaluator: a configuration problem stops the run
+            raise UserError(_one_line(e).removeprefix("UserError: ")) from None
+        except RayTaskError as e:  # the worker catches tree errors itself; this is unexpected
+            results[job.index] = FitnessResult.worst(_one_line(e))
+            return
+        except (RayActorError, RayError) as e:  # the worker died (crash, OOM, node lost, killed)
+            deaths[job.index] = deaths.get(job.index, 0) + 1
+            self.deaths += 1
+            why = _one_line(e)
+            log.warning("worker died under tree %d (%s); replacing it", job.index, why)
+            if deaths[job.index] > self.ray_settings.max_restarts:
+                reason = f"worker died {deaths[job.index]} times under this tree: {why}"
+                results[job.index] = FitnessResult.worst(reason)
+            else:
+                queue.appendleft(job.index)
+            self._replace(job.slot)
+            return
+        if result.reason is None and result.seconds > self.ray_settings.timeout_s:
+            self.timeouts += 1
+            result = FitnessResult.worst(f"timeout after {self.ray_settings.timeout_s:g} s", result.seconds)
+        results[job.index] = result
+
+    def _started(self, slot: _Slot) -> None:
+        ref, slot.ready_ref = slot.ready_ref, None
+        error = _ready_error(ref)
+        if error:
+            self._failed_start(slot, error)
+        else:
+            self._start_failures = 0
+
+    def _failed_start(self, slot: _Slot, error: str) -> None:
+        self._start_failures += 1
+        if self._start_failures > self.ray_settings.max_restarts:
+            raise UserError(f"Ray workers keep failing to start ({self._start_failures} in a row): {error}")
+        log.warning("replacement worker failed to start (%s); trying again", error)
+        self._replace(slot)
+
+    def _replace(self, slot: _Slot) -> None:
+        """Kill the slot's actor (if still alive) and put a fresh one in its place."""
+        _kill(slot.handle)
+        if slot.job is not None:
+            self._running.pop(slot.job, None)
+        fresh = self._new_actor()
+        slot.handle, slot.started, slot.ready_ref, slot.job = fresh.handle, fresh.started, fresh.ready_ref, None
+        self.replaced += 1
+
+    def _share(self, new: dict[str, float]) -> None:
+        """Tell every worker the masks learnt in this batch, so no worker re-runs another's masks."""
+        new = {k: v for k, v in new.items() if k not in self._known}
+        if new:
+            self.remember(new)
+
+
+_REMOTE_WORKER: Any = None
+
+
+def _remote_worker() -> Any:
+    """FitnessWorker as a Ray actor class, made once per process (each ray.remote re-exports it)."""
+    global _REMOTE_WORKER
+    if _REMOTE_WORKER is None:
+        _REMOTE_WORKER = ray.remote(FitnessWorker)
+    return _REMOTE_WORKER
+
+
+def _free_resources() -> str:
+    free = ray.available_resources()
+    return f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU"
+
+
+def _device_available(device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_available()
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address must be 'auto' or host:port, not {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start it with "
+                        "`ray start --head` there, or leave address unset for a local instance") from None
+
+
+def _ready_error(ref: Any) -> str | None:
+    """None if the worker behind a ready() reference can evaluate, else why not."""
+    try:
+        return ray.get(ref)
+    except RayError as e:  # the process died while loading (for instance killed for memory)
+        return _one_line(e)
+
+
+def _kill(handle: Any) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already dead or the session is gone
+        pass

@@ -1,0 +1,54 @@
+"""A cheap, honest fitness for tests and demos: output reconstruction error of one random linear layer.
+
+A linear layer ``W`` (out, in) sees inputs whose features have very different scales (as in LLMs,
+where a few input channels carry outliers). A metric prunes ``W``; the fitness is the relative
+error of the layer's outputs, ``||X W^T - X (W*M)^T||^2 / ||X W^T||^2``. Metrics that use the
+activations (``X``) beat magnitude here, as Wanda beats magnitude on real models. It runs in
+milliseconds, so the search loop can be tested for determinism, resume and caching in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from prunerzero.fitness.base import Evaluator, FitnessResult
+from prunerzero.fitness.model_fitness import mask_key
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.masks import Pattern, prune_mask
+
+
+class ReconstructionEvaluator(Evaluator):
+    def __init__(self, rows: int = 32, cols: int = 64, tokens: int = 256, sparsity: float = 0.5,
+                 pattern: str = "unstructured", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(rows, cols, generator=gen)
+        scales = torch.exp(torch.randn(cols, generator=gen) * 1.5)  # heavy-tailed feature scales
+        self.inputs = torch.randn(tokens, cols, generator=gen) * scales
+        target = self.inputs @ self.weight.t()
+        # A stand-in for G: the gradient of a random regression loss at the dense weights.
+        self.grad = ((torch.randn(tokens, rows, generator=gen) * target.std(0)).t() @ self.inputs).abs() / tokens
+        self.stats = {"W": self.weight.abs(), "G": self.grad, "X": (self.inputs**2).sum(0, keepdim=True)}
+        self.target = target
+        self.sparsity = sparsity
+        self.pattern = Pattern.parse(pattern)
+        self.calls = 0  # number of trees actually evaluated (tests count cache hits with it)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"evaluator": "reconstruction", "shape": list(self.weight.shape), "sparsity": self.sparsity,
+                "pattern": str(self.pattern)}
+
+    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]:
+        out = []
+        for tree in trees:
+            self.calls += 1
+            scores = tree.evaluate(self.stats)
+            if bool((scores.amax(dim=1) == scores.amin(dim=1)).all()):
+                out.append(FitnessResult.worst("scores are constant in every row"))
+                continue
+            mask = prune_mask(scores, self.sparsity, self.pattern)
+            pruned = self.weight.masked_fill(mask, 0.0)
+            err = ((self.inputs @ pruned.t() - self.target) ** 2).sum() / (self.target**2).sum()
+            out.append(FitnessResult(float(err), mask_key=mask_key({"w": mask})))
+        return out

@@ -1,0 +1,1 @@
+"""The GP search: DEAP loop, OOS with SymPy, config, checkpoints, export."""

@@ -1,0 +1,111 @@
+"""The run folder: config, checkpoint, log, hall of fame, plot. JSON and YAML only, no pickle.
+
+Every file is written to a temporary name and moved into place with ``os.replace``, so a crash
+mid-write leaves the previous checkpoint intact; a crash costs at most the generation in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunerzero.errors import UserError
+from prunerzero.fitness.base import WORST_FITNESS
+from prunerzero.primitives.tree import Tree
+from prunerzero.search.engine import SearchState
+
+STATE = "state.json"
+CONFIG = "config.yaml"
+LOG = "log.jsonl"
+HALL_OF_FAME = "hall_of_fame.json"
+PLOT = "fitness.png"
+FORMAT_VERSION = 1
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, state: SearchState, fingerprint: dict[str, Any], hof_size: int) -> None:
+    payload = {"format": FORMAT_VERSION, "fingerprint": fingerprint, **state.to_json()}
+    write_atomic(run_dir / STATE, json.dumps(payload, indent=1))
+    write_atomic(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in state.log))
+    write_atomic(run_dir / HALL_OF_FAME, json.dumps(export_trees(state, hof_size), indent=2) + "\n")
+
+
+def save_config(run_dir: Path, config: dict[str, Any]) -> None:
+    write_atomic(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+
+def load_checkpoint(run_dir: Path) -> tuple[SearchState, dict[str, Any]]:
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no checkpoint ({STATE}); start a search with --config")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"checkpoint {path} is not valid JSON ({e.msg}); it was not written by prunerzero") from None
+    if data.get("format") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format {data.get('format')}, this prunerzero reads {FORMAT_VERSION}")
+    return SearchState.from_json(data), data["fingerprint"]
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ, as dotted paths."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def export_trees(state: SearchState, top: int) -> dict[str, Any]:
+    """The best distinct metrics in the Pruner-Zero JSON format, with formula and fitness."""
+    trees = []
+    for rank, r in enumerate(state.hall_of_fame(top), 1):
+        tree = Tree.parse(r["tree"])
+        trees.append({"rank": rank, "formula": r["tree"], "fitness": r["fitness"], "size": len(tree),
+                      "generation": r["generation"], "tree": tree.to_json()})
+    return {"fitness": "perplexity on the fitness text (lower is better)", "trees": trees}
+
+
+def plot_progress(run_dir: Path, state: SearchState) -> None:
+    """Best and median fitness per generation, into the run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in state.log if r["best"] is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    gens = [r["generation"] for r in rows]
+    ax.plot(gens, [r["best"] for r in rows], marker="o", label="best so far")
+    med = [(r["generation"], r["median"]) for r in rows if r["median"] is not None and r["median"] < WORST_FITNESS]
+    if med:
+        ax.plot(*zip(*med), marker=".", linestyle="--", label="population median")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (perplexity, lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"search progress, best: {rows[-1]['best_tree']}"[:90], fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / f".{PLOT}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, run_dir / PLOT)

@@ -1,0 +1,207 @@
+"""The search configuration: YAML in, validated dataclasses out.
+
+Validation happens here, at the edge: unknown keys (with a "did you mean"), wrong types and
+impossible values are named with their place in the file (``search.population``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunerzero.errors import UserError
+from prunerzero.primitives.registry import DEFAULT_OPERATORS, OPERATORS, TERMINALS
+from prunerzero.pruning.masks import Pattern, check_sparsity
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m"
+    device: str = "auto"
+
+
+@dataclass
+class CalibrationSection:
+    source: str = "wikitext2"
+    split: str = "validation"
+    nsamples: int = 32
+    seqlen: int = 2048
+    seed: int = 0
+    data_dir: typing.Optional[str] = None
+
+
+@dataclass
+class FitnessSection:
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    text: str = "wikitext2"
+    split: str = "validation"
+    seqlen: int = 1024
+    windows: int = 2
+    stats_mode: str = "once"
+
+
+@dataclass
+class SearchSection:
+    algorithm: str = "generational"  # or steady_state (the paper's loop)
+    population: int = 20
+    generations: int = 10
+    operators: list = field(default_factory=lambda: list(DEFAULT_OPERATORS))
+    terminals: list = field(default_factory=lambda: list(TERMINALS))
+    init_min_depth: int = 1
+    init_max_depth: int = 3
+    tournament_size: int = 3
+    crossover_prob: float = 0.7
+    mutation_prob: float = 0.3
+    max_height: int = 8
+    max_size: int = 31
+    elites: int = 2
+    hall_of_fame: int = 10
+    seed_known_metrics: bool = True
+    top_k: int = 10  # steady state: parents are drawn from the current top k
+    steps_per_generation: int = 10  # steady state: children bred and evaluated per generation
+    regenerate_attempts: int = 5
+
+
+@dataclass
+class EvaluatorSection:
+    type: str = "inprocess"  # inprocess, ray, or reconstruction (a cheap stand-in, for trials)
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    address: typing.Optional[str] = None
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class SearchConfig:
+    name: str = "search"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    fitness: FitnessSection = field(default_factory=FitnessSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    evaluator: EvaluatorSection = field(default_factory=EvaluatorSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where} must be a list of names, got {value!r}")
+        return value
+    if kind in (int, float, str, bool) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise UserError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        place = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            raise UserError(f"unknown key {place!r} in the config{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value, place)
+        else:
+            values[key] = _check_type(value, kind, place)
+    return cls(**values)
+
+
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise UserError(f"{where} must be positive, got {value}")
+
+
+def validate(cfg: SearchConfig) -> SearchConfig:
+    """Cross-field checks: impossible values are refused with the way out."""
+    s, f, e, c = cfg.search, cfg.fitness, cfg.evaluator, cfg.calibration
+    check_sparsity(f.sparsity, Pattern.parse(f.pattern))
+    if f.split == "test":
+        raise UserError("fitness.split must not be 'test': the test split is kept for final reports; use validation")
+    if f.stats_mode not in ("once", "sequential"):
+        raise UserError(f"fitness.stats_mode must be 'once' or 'sequential', got {f.stats_mode!r}")
+    if s.algorithm not in ("generational", "steady_state"):
+        raise UserError(f"search.algorithm must be 'generational' or 'steady_state', got {s.algorithm!r}")
+    if e.type not in ("inprocess", "ray", "reconstruction"):
+        raise UserError(f"evaluator.type must be inprocess, ray or reconstruction, got {e.type!r}")
+    for name in ("population", "generations", "tournament_size", "max_height", "max_size", "hall_of_fame",
+                 "top_k", "steps_per_generation", "init_max_depth"):
+        _positive(getattr(s, name), f"search.{name}")
+    for name in ("nsamples", "seqlen"):
+        _positive(getattr(c, name), f"calibration.{name}")
+    for name in ("seqlen", "windows"):
+        _positive(getattr(f, name), f"fitness.{name}")
+    for name in ("workers", "threads_per_worker", "timeout_s"):
+        _positive(getattr(e, name), f"evaluator.{name}")
+    if e.cpus_per_worker < 0 or e.gpus_per_worker < 0:
+        raise UserError("evaluator.cpus_per_worker and gpus_per_worker must not be negative")
+    for name in ("crossover_prob", "mutation_prob"):
+        if not 0 <= getattr(s, name) <= 1:
+            raise UserError(f"search.{name} must be within [0, 1], got {getattr(s, name)}")
+    if s.init_min_depth < 0 or s.init_min_depth > s.init_max_depth:
+        raise UserError(f"search.init_min_depth must be within [0, init_max_depth={s.init_max_depth}], got {s.init_min_depth}")
+    if s.init_max_depth > s.max_height:
+        raise UserError(f"search.init_max_depth ({s.init_max_depth}) exceeds search.max_height ({s.max_height})")
+    if s.elites >= s.population or s.elites < 0:
+        raise UserError(f"search.elites must be within [0, population), got {s.elites}")
+    if s.algorithm == "steady_state" and (s.top_k < 2 or s.top_k > s.population):
+        raise UserError(f"search.top_k must be within [2, population={s.population}], got {s.top_k}")
+    if s.tournament_size > s.population:
+        raise UserError(f"search.tournament_size ({s.tournament_size}) exceeds the population ({s.population})")
+    unknown = [o for o in s.operators if o not in OPERATORS]
+    if unknown:
+        raise UserError(f"search.operators: unknown {', '.join(unknown)}; known: {', '.join(sorted(OPERATORS))}")
+    bad = [t for t in s.terminals if t not in TERMINALS]
+    if bad or not s.terminals:
+        raise UserError(f"search.terminals must be a non-empty subset of {', '.join(TERMINALS)}, got {s.terminals}")
+    if len(set(s.operators)) != len(s.operators) or len(set(s.terminals)) != len(s.terminals):
+        raise UserError("search.operators and search.terminals must not repeat names")
+    if not cfg.name or "/" in cfg.name:
+        raise UserError(f"name must be a plain folder name, got {cfg.name!r}")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> SearchConfig:
+    return validate(_build(SearchConfig, data, ""))
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data or {})

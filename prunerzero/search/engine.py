@@ -1,0 +1,293 @@
+"""The genetic-programming loop on DEAP's own tools. It knows nothing of models: it hands trees to an
+:class:`~prunerzero.fitness.base.Evaluator` and gets fitnesses back.
+
+Determinism: DEAP draws from the module-level ``random``; each generation seeds it from
+``(seed, generation)`` and the caller's RNG state is restored afterwards, so a run does not depend
+on anything else in the process, and a run resumed at generation k continues exactly as an
+uninterrupted run would.
+
+Two loop styles:
+- ``generational``: tournament selection, subtree crossover, subtree/node mutation, elitism from
+  the hall of fame.
+- ``steady_state`` (the paper's): each step draws two parents among the current top k, breeds one
+  child by crossover and mutation; children of a generation are evaluated as one batch (so workers
+  run in parallel), then each replaces the current worst individual.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import random
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from deap import base, gp, tools
+
+from prunerzero.fitness.base import WORST_FITNESS, Evaluator
+from prunerzero.primitives.deap_set import Individual, primitive_set, to_individual, to_tree
+from prunerzero.primitives.tree import Tree
+from prunerzero.search.config import SearchSection
+from prunerzero.search.simplify import simplify
+
+log = logging.getLogger(__name__)
+
+KNOWN_METRICS = {
+    "magnitude": "abs(W)",
+    "wanda": "mul(abs(W), sqrt(X))",
+    "pruner-zero": "mul(abs(mul(W, W)), mms(G))",
+}
+
+
+@dataclass
+class SearchState:
+    """The whole state of a search; what a checkpoint holds (besides the config)."""
+
+    generation: int = -1  # last completed generation; -1 before the initial population
+    population: list[str] = field(default_factory=list)  # formulas
+    cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # canonical key -> record
+    log: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("generated", "simplified", "regenerated", "formula_cache_hits", "mask_cache_hits", "evaluated", "degenerate"), 0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"generation": self.generation, "population": self.population, "cache": self.cache,
+                "log": self.log, "counters": self.counters}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SearchState":
+        state = cls()
+        state.generation = d["generation"]
+        state.population = list(d["population"])
+        state.cache = dict(d["cache"])
+        state.log = list(d["log"])
+        state.counters.update(d["counters"])
+        return state
+
+    def fitness_of(self, formula: str) -> float:
+        return self.cache[simplify(Tree.parse(formula)).key]["fitness"]
+
+    def hall_of_fame(self, k: int) -> list[dict[str, Any]]:
+        """The best k distinct metrics ever evaluated (ties: smaller tree, then formula)."""
+        good = [r for r in self.cache.values() if r["fitness"] < WORST_FITNESS]
+        good.sort(key=lambda r: (r["fitness"], len(Tree.parse(r["tree"])), r["tree"]))
+        out, masks = [], set()
+        for r in good:  # metrics that prune alike are one metric: keep the smallest formula
+            if r.get("mask_key") in masks:
+                continue
+            masks.add(r.get("mask_key")) if r.get("mask_key") else None
+            out.append(r)
+            if len(out) == k:
+                break
+        return out
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
+
+
+class GeneticSearch:
+    """Runs generations of a search, updating a :class:`SearchState`."""
+
+    def __init__(self, params: SearchSection, evaluator: Evaluator, seed: int, state: SearchState | None = None,
+                 on_generation: Callable[[SearchState], None] | None = None):
+        self.p = params
+        self.evaluator = evaluator
+        self.seed = seed
+        self.state = state or SearchState()
+        self.on_generation = on_generation
+        self.pset = primitive_set(params.operators, params.terminals)
+        tb = base.Toolbox()
+        tb.register("expr", gp.genHalfAndHalf, pset=self.pset, min_=params.init_min_depth, max_=params.init_max_depth)
+        tb.register("select", tools.selTournament, tournsize=params.tournament_size)
+        tb.register("mate", gp.cxOnePoint)
+        tb.register("expr_mut", gp.genFull, min_=0, max_=2)
+        tb.register("mut_subtree", gp.mutUniform, expr=tb.expr_mut, pset=self.pset)
+        tb.register("mut_node", gp.mutNodeReplacement, pset=self.pset)
+        for name in ("mate", "mut_subtree", "mut_node"):
+            tb.decorate(name, gp.staticLimit(key=operator.attrgetter("height"), max_value=params.max_height))
+            tb.decorate(name, gp.staticLimit(key=len, max_value=params.max_size))
+        self.tb = tb
+
+    # ------------------------------------------------------------------ evaluation with caches
+    def evaluate(self, trees: Sequence[Tree], generation: int) -> list[str]:
+        """Simplify, look up, evaluate what is new; returns the canonical key of each tree."""
+        keys, todo = [], {}
+        for tree in trees:
+            s = simplify(tree)
+            keys.append(s.key)
+            if s.key in self.state.cache or s.key in todo:
+                self.state.counters["formula_cache_hits"] += 1
+            elif s.constant:
+                self.state.counters["degenerate"] += 1
+                self.state.cache[s.key] = {"tree": str(s.tree), "fitness": WORST_FITNESS, "generation": generation,
+                                           "reason": "constant metric (no terminal survives simplification)"}
+            else:
+                todo[s.key] = s.tree
+        if todo:
+            results = self.evaluator.evaluate(list(todo.values()))
+            for (key, tree), res in zip(todo.items(), results):
+                record = {"tree": str(tree), "fitness": float(res.fitness), "generation": generation}
+                if res.reason:
+                    record["reason"] = res.reason
+                    self.state.counters["degenerate"] += 1
+                if res.mask_key:
+                    record["mask_key"] = res.mask_key
+                if res.cached == "mask":
+                    record["mask_cache_hit"] = True
+                    self.state.counters["mask_cache_hits"] += 1
+                else:
+                    self.state.counters["evaluated"] += 1
+                self.state.cache[key] = record
+        return keys
+
+    def _simplified(self, ind: Individual) -> Individual:
+        s = simplify(to_tree(ind))
+        if s.changed:
+            self.state.counters["simplified"] += 1
+            ind = to_individual(s.tree, self.pset)
+        return ind
+
+    def _vary(self, a: Individual, b: Individual) -> Individual:
+        """One child of two parents: crossover, then mutation, each with its probability."""
+        c1, c2 = self.tb.clone(a), self.tb.clone(b)
+        if random.random() < self.p.crossover_prob:
+            c1, c2 = self.tb.mate(c1, c2)
+        if random.random() < self.p.mutation_prob:
+            c1, = self._mutate(c1)
+        return c1
+
+    def _mutate(self, ind: Individual) -> tuple[Individual]:
+        return self.tb.mut_subtree(ind) if random.random() < 0.5 else self.tb.mut_node(ind)
+
+    def _fresh(self, child: Individual, parent_keys: set[str]) -> Individual:
+        """OOS, then regenerate a child that is a copy of a parent or of anything evaluated."""
+        child = self._simplified(child)
+        for _ in range(self.p.regenerate_attempts):
+            key = simplify(to_tree(child)).key
+            if key not in parent_keys and key not in self.state.cache:
+                break
+            self.state.counters["regenerated"] += 1
+            child = self._simplified(self._mutate(self.tb.clone(child))[0])
+        self.state.counters["generated"] += 1
+        return child
+
+    # ------------------------------------------------------------------ generations
+    def _initial(self) -> list[Individual]:
+        pop: list[Individual] = []
+        if self.p.seed_known_metrics:
+            for formula in KNOWN_METRICS.values():
+                tree = Tree.parse(formula)
+                if tree.terminals <= set(self.p.terminals) and tree.operators <= set(self.p.operators):
+                    pop.append(to_individual(tree, self.pset))
+        seen = {simplify(to_tree(i)).key for i in pop}
+        attempts = 0
+        while len(pop) < self.p.population:
+            ind = self._simplified(Individual(self.tb.expr()))
+            key = simplify(to_tree(ind)).key
+            attempts += 1
+            if key in seen and attempts < 50 * self.p.population:
+                continue  # diversity: distinct metrics first, duplicates only if the space is tiny
+            seen.add(key)
+            self.state.counters["generated"] += 1
+            pop.append(ind)
+        return pop
+
+    def _generational(self, pop: list[Individual]) -> list[Individual]:
+        elites = [to_individual(Tree.parse(r["tree"]), self.pset) for r in self.state.hall_of_fame(self.p.elites)]
+        self._assign(pop)
+        offspring = [self.tb.clone(i) for i in self.tb.select(pop, len(pop) - len(elites))]
+        out = []
+        for i in range(0, len(offspring), 2):
+            pair = offspring[i:i + 2]
+            if len(pair) == 2 and random.random() < self.p.crossover_prob:
+                pair = list(self.tb.mate(*pair))
+                for c in pair:
+                    c.varied = True
+            out.extend(pair)
+        parent_keys = {simplify(to_tree(i)).key for i in pop}
+        children, new = [], []
+        for child in out:
+            if random.random() < self.p.mutation_prob:
+                child = self._mutate(child)[0]
+                child.varied = True
+            if getattr(child, "varied", False):
+                child = self._fresh(child, parent_keys)
+                new.append(child)
+            children.append(child)
+        self.evaluate([to_tree(c) for c in new], self.state.generation + 1)
+        return elites + children
+
+    def _steady_state(self, pop: list[Individual]) -> list[Individual]:
+        self._assign(pop)
+        ranked = sorted(pop, key=lambda i: (i.fitness.values[0], len(i), str(i)))
+        top = ranked[: self.p.top_k]
+        parent_keys = {simplify(to_tree(i)).key for i in pop}
+        children = []
+        for _ in range(self.p.steps_per_generation):
+            a, b = random.sample(top, 2)
+            children.append(self._fresh(self._vary(a, b), parent_keys))
+        self.evaluate([to_tree(c) for c in children], self.state.generation + 1)
+        self._assign(children)
+        for child in children:  # each child replaces the current worst
+            pop.append(child)
+            worst = max(range(len(pop)), key=lambda j: (pop[j].fitness.values[0], len(pop[j]), str(pop[j]), j))
+            pop.pop(worst)
+        return pop
+
+    def _assign(self, pop: Sequence[Individual]) -> None:
+        for ind in pop:
+            ind.fitness.values = (self.state.cache[simplify(to_tree(ind)).key]["fitness"],)
+
+    def run(self, generations: int) -> SearchState:
+        """Run until ``generations`` generations after the initial one are complete."""
+        while self.state.generation < generations:
+            gen = self.state.generation + 1
+            start = time.perf_counter()
+            before = dict(self.state.counters)
+            with _seeded(self.seed * 1_000_003 + gen):
+                if gen == 0:
+                    pop = self._initial()
+                    self.evaluate([to_tree(i) for i in pop], gen)
+                else:
+                    pop = [to_individual(Tree.parse(f), self.pset) for f in self.state.population]
+                    pop = self._generational(pop) if self.p.algorithm == "generational" else self._steady_state(pop)
+            self.state.population = [str(to_tree(i)) for i in pop]
+            self.state.generation = gen
+            self._log(gen, before, time.perf_counter() - start)
+            if self.on_generation:
+                self.on_generation(self.state)
+        return self.state
+
+    def _log(self, gen: int, before: dict[str, int], seconds: float) -> None:
+        fits = [self.state.fitness_of(f) for f in self.state.population]
+        finite = [f for f in fits if f < WORST_FITNESS]
+        best = self.state.hall_of_fame(1)
+        c = self.state.counters
+        row = {
+            "generation": gen,
+            "best": best[0]["fitness"] if best else None,
+            "best_tree": best[0]["tree"] if best else None,
+            "population_best": min(finite) if finite else None,
+            "median": statistics.median(finite) if finite else None,
+            "unique_in_population": len({simplify(Tree.parse(f)).key for f in self.state.population}),
+            "unique_evaluated": len(self.state.cache),
+            **{f"{k}_this_gen": c[k] - before.get(k, 0) for k in c},
+            **{f"{k}_total": v for k, v in c.items()},
+        }
+        self.state.log.append(row)
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        log.info("gen %d: best %s median %s | unique evaluated %d, evaluated %d, cache hits %d formula + %d mask, "
+                 "%.1f s (%.2f cand/min) | %s", gen, fmt(row["best"]), fmt(row["median"]), row["unique_evaluated"],
+                 row["evaluated_this_gen"], row["formula_cache_hits_this_gen"], row["mask_cache_hits_this_gen"],
+                 seconds, 60 * row["evaluated_this_gen"] / max(seconds, 1e-9), row["best_tree"])
+        self.last_seconds = seconds

@@ -1,0 +1,217 @@
+import json
+
+import pytest
+import torch
+
+from prunerzero.errors import UserError
+from prunerzero.pruning.masks import Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.models import prunable_linears, resolve_model
+from prunerzero.pruning.prune import (PRUNER_ZERO_TREE, WANDA_TREE, apply_masks, measure_sparsity, prune_model,
+                                      restore_masks, score_masks, sparsegpt_prune)
+from prunerzero.pruning.stats import compute_gradients, load_gradients, save_tensors_atomic
+
+
+def test_unstructured_mask_prunes_exactly_per_row_like_the_reference():
+    scores = torch.randn(16, 40)
+    mask = prune_mask(scores, 0.5)
+    assert (mask.sum(1) == 20).all()
+    # every pruned score in a row is <= every kept score of that row
+    for r in range(16):
+        assert scores[r][mask[r]].max() <= scores[r][~mask[r]].min()
+    # the reference: stable sort per row, first int(in * s) indices
+    ref = torch.zeros_like(mask).scatter_(1, torch.sort(scores, dim=-1, stable=True)[1][:, :int(40 * 0.5)], True)
+    assert torch.equal(mask, ref)
+    assert (prune_mask(scores, 0.3).sum(1) == 12).all()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_n_m_masks_prune_n_lowest_of_every_group(n, m):
+    scores = torch.randn(8, 32)
+    mask = prune_mask(scores, n / m, Pattern(n, m))
+    groups = mask.reshape(8, -1, m)
+    assert (groups.sum(-1) == n).all()
+    s = scores.reshape(8, -1, m)
+    assert (s.masked_fill(~groups, -1e9).amax(-1) <= s.masked_fill(groups, 1e9).amin(-1)).all()
+
+
+def test_pattern_and_sparsity_validation():
+    assert Pattern.parse("2:4") == Pattern(2, 4)
+    for bad in ("3:2", "2-4", "dense", "0:4"):
+        with pytest.raises(UserError, match="pattern"):
+            Pattern.parse(bad)
+    for s in (0, 1, 1.5, -0.1):
+        with pytest.raises(UserError, match=r"outside \(0, 1\)"):
+            check_sparsity(s, Pattern())
+    with pytest.raises(UserError, match="prunes exactly 0.5"):
+        check_sparsity(0.6, Pattern(2, 4))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_methods_reach_the_target_sparsity(tiny_model, windows, method, pattern):
+    pat = Pattern.parse(pattern)
+    report = prune_model(tiny_model, method, 0.5, pat, windows=windows)
+    counts = measure_sparsity(tiny_model)
+    for name, lin in prunable_linears(tiny_model).items():
+        zeros = lin.weight == 0
+        if pat.structured:
+            assert (zeros.reshape(lin.weight.shape[0], -1, pat.m).sum(-1) >= pat.n).all(), name
+        elif method != "sparsegpt":  # SparseGPT's comparison group is the column block, not the row
+            assert (zeros.sum(1) >= lin.weight.shape[1] // 2).all(), name
+    assert abs(report.sparsity_actual - 0.5) < 0.01
+    assert set(counts) == set(prunable_linears(tiny_model))
+    assert tiny_model.lm_head.weight.ne(0).all() and tiny_model.model.embed_tokens.weight.ne(0).all()
+
+
+def test_wanda_equals_the_tree_mul_abs_w_sqrt_x(windows):
+    from tests.conftest import tiny_llama
+
+    a, b = tiny_llama(), tiny_llama()
+    prune_model(a, "wanda", 0.5, Pattern(), windows=windows)
+    prune_model(b, "tree", 0.5, Pattern(), windows=windows, tree=WANDA_TREE)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_magnitude_equals_tree_abs_w_and_pruner_zero_uses_g(windows):
+    from tests.conftest import tiny_llama
+    from prunerzero.primitives.tree import Tree
+
+    a, b = tiny_llama(), tiny_llama()
+    prune_model(a, "magnitude", 0.5, Pattern(2, 4))
+    prune_model(b, "tree", 0.5, Pattern(2, 4), tree=Tree.parse("abs(W)"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = tiny_llama()
+    grads = compute_gradients(c, windows)
+    assert all(g.shape == l.weight.shape and (g >= 0).all() for g, l in zip(grads.values(), prunable_linears(c).values()))
+    with pytest.raises(UserError, match="uses G"):
+        prune_model(c, "tree", 0.5, Pattern(), tree=PRUNER_ZERO_TREE)
+    prune_model(c, "tree", 0.5, Pattern(), tree=PRUNER_ZERO_TREE, gradients=grads)
+    d = tiny_llama()
+    prune_model(d, "magnitude", 0.5, Pattern())
+    assert not all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values()))
+
+
+def test_gradients_are_the_scaled_l2_norm_over_windows(tiny_model, windows):
+    grads = compute_gradients(tiny_model, windows[:2], scale=100.0)
+    name, lin = next(iter(prunable_linears(tiny_model).items()))
+    manual = torch.zeros_like(lin.weight)
+    for row in windows[:2]:
+        tiny_model.zero_grad()
+        ids = row.unsqueeze(0)
+        tiny_model(input_ids=ids, labels=ids).loss.backward()
+        manual += (lin.weight.grad * 100) ** 2
+    tiny_model.zero_grad()
+    assert torch.allclose(grads[name], manual.sqrt(), rtol=1e-4, atol=1e-6)
+    assert all(not p.requires_grad or p.grad is None for p in tiny_model.parameters())
+
+
+def test_gradient_file_shape_mismatch_is_refused(tiny_model, windows, tmp_path):
+    grads = compute_gradients(tiny_model, windows[:1])
+    good = tmp_path / "g.safetensors"
+    save_tensors_atomic(grads, good)
+    assert set(load_gradients(good, tiny_model)) == set(grads)
+    first = next(iter(grads))
+    grads[first] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.safetensors"
+    save_tensors_atomic(grads, bad)
+    with pytest.raises(UserError, match=r"has shape \(3, 3\) but the model's weight is"):
+        load_gradients(bad, tiny_model)
+    with pytest.raises(UserError, match="does not exist"):
+        load_gradients(tmp_path / "none.safetensors", tiny_model)
+
+
+def test_apply_and_restore_are_bitwise_exact(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    masks = score_masks(tiny_model, lambda n, s: s["W"], 0.5, Pattern())
+    removed = apply_masks(tiny_model, masks)
+    assert measure_sparsity(tiny_model)
+    restore_masks(tiny_model, masks, removed)
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_sparsegpt_beats_magnitude_on_layer_reconstruction():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    x = torch.randn(512, 64) * torch.exp(torch.randn(64))
+    h = 2 * x.t() @ x / x.shape[0]
+    pruned = sparsegpt_prune(w, h, 0.5, Pattern())
+    mag = w.masked_fill(prune_mask(w.abs(), 0.5), 0)
+    err = lambda v: ((x @ v.t() - x @ w.t()) ** 2).sum()  # noqa: E731
+    assert (pruned == 0).float().mean() >= 0.5
+    assert err(pruned) < 0.5 * err(mag)
+
+
+def test_save_and_reload_keep_the_zeros(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    prune_model(tiny_model, "magnitude", 0.5, Pattern(2, 4))
+    tiny_model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert measure_sparsity(again) == measure_sparsity(tiny_model)
+    for (n, a), (_, b) in zip(tiny_model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_model_resolution_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope" / "model"))
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model(str(tmp_path / "x.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_calibration_windows_are_seeded_and_do_not_touch_global_random(tmp_path):
+    import random
+
+    from prunerzero.pruning.data import calibration_windows
+
+    class CharTokenizer:
+        def __call__(self, text, return_tensors=None):
+            class Out:
+                input_ids = torch.tensor([[ord(c) % 128 for c in text]])
+            return Out()
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    random.seed(5)
+    state = random.getstate()
+    a = calibration_windows(CharTokenizer(), str(text), 3, 16, seed=0)
+    assert random.getstate() == state
+    b = calibration_windows(CharTokenizer(), str(text), 3, 16, seed=0)
+    assert torch.equal(a, b) and a.shape == (3, 16)
+    rng = random.Random(0)
+    n = len(("hello world " * 200).splitlines(keepends=True)[0])
+    first = rng.randint(0, n - 16 - 1)
+    assert a[0].tolist() == [ord(c) % 128 for c in ("hello world " * 200)[first:first + 16]]
+    with pytest.raises(UserError, match="too short"):
+        calibration_windows(CharTokenizer(), str(text), 1, 100_000, seed=0)
+
+
+def test_wikitext_rows_follow_the_datasets_builder():
+    from prunerzero.pruning.data import find_data_file, text_rows
+
+    if find_data_file("wikitext-2/wiki.test.raw") is None:
+        pytest.fail("WikiText-2 test file not found; set PRUNERZERO_DATA to the shared data folder")
+    rows = text_rows("wikitext2", "test")
+    assert len(rows) == 4358
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+
+
+def test_cli_bad_input_gives_one_line_errors(tmp_path, capsys):
+    from prunerzero.cli import main
+
+    bad_tree = tmp_path / "bad.json"
+    bad_tree.write_text(json.dumps({"data": "mul", "left": {"data": "W"}, "right": {"data": "foo"}}))
+    cases = [
+        (["prune", "--method", "tree", "--tree", str(bad_tree)], "'foo' at root.right"),
+        (["prune", "--method", "magnitude", "--sparsity", "1.5"], "outside (0, 1)"),
+        (["prune", "--method", "magnitude", "--pattern", "2:4", "--sparsity", "0.6"], "prunes exactly 0.5"),
+        (["prune", "--method", "magnitude", "--model", str(tmp_path / "missing")], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
