@@ -9,10 +9,10 @@ each block sees the outputs of the already pruned blocks before it.
 from __future__ import annotations
 
 import logging
-import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -104,6 +104,37 @@ def _get(stats: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | 
     return None if stats is None else stats.get(name)
 
 
+@contextmanager
+def masked_weights(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, forwards see the masked weights zeroed; the dense weights are never written.
+
+    Each linear layer swaps in ``W.masked_fill(mask, 0)`` just before it runs and swaps the dense
+    tensor back just after, so at most one layer's pruned copy exists at a time and "restoring" is
+    exact by construction. Used by fitness evaluation, where the model must stay dense.
+    """
+    linears = prunable_linears(model)
+    dense: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mask in masks.items():
+        lin = linears[name]
+
+        def before(mod: nn.Module, _args: Any, name: str = name, mask: torch.Tensor = mask) -> None:
+            dense[name] = mod.weight.data
+            mod.weight.data = mod.weight.data.masked_fill(mask, 0)
+
+        def after(mod: nn.Module, _args: Any, _out: Any, name: str = name) -> None:
+            mod.weight.data = dense.pop(name)
+
+        handles += [lin.register_forward_pre_hook(before), lin.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for name, weight in dense.items():  # a forward that raised mid-layer
+            linears[name].weight.data = weight
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Zero the masked weights in place; returns the values removed, for :func:`restore_masks`."""
@@ -111,8 +142,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str
     removed = {}
     for name, mask in masks.items():
         w = linears[name].weight.data
-        removed[name] = w[mask].clone()
-        w[mask] = 0
+        removed[name] = w.masked_select(mask)
+        w.masked_fill_(mask, 0)
     return removed
 
 
@@ -121,7 +152,7 @@ def restore_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], removed: 
     """Put back exactly the values :func:`apply_masks` removed (bitwise)."""
     linears = prunable_linears(model)
     for name, mask in masks.items():
-        linears[name].weight.data[mask] = removed[name]
+        linears[name].weight.data.masked_scatter_(mask, removed[name])
 
 
 @torch.no_grad()
@@ -234,7 +265,3 @@ def is_degenerate(scores: torch.Tensor) -> str | None:
     if scores.numel() > 1 and bool((scores == scores.flatten()[0]).all()):
         return "scores are constant"
     return None
-
-
-def ppl_from_losses(losses: list[float]) -> float:
-    return math.exp(sum(losses) / len(losses))

@@ -152,7 +152,7 @@ class GeneticSearch:
 
     def _simplified(self, ind: Individual) -> Individual:
         s = simplify(to_tree(ind))
-        if s.changed:
+        if s.changed and all(n in self.pset.mapping for n in s.tree.nodes):
             self.state.counters["simplified"] += 1
             ind = to_individual(s.tree, self.pset)
         return ind

@@ -1,0 +1,229 @@
+import json
+import os
+import random
+
+import pytest
+import torch
+from deap import gp
+
+from prunerzero.errors import UserError
+from prunerzero.fitness.base import WORST_FITNESS
+from prunerzero.fitness.reconstruction import ReconstructionEvaluator
+from prunerzero.primitives.deap_set import primitive_set, to_tree
+from prunerzero.primitives.registry import DEFAULT_OPERATORS
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.masks import prune_mask
+from prunerzero.search import checkpoint as ckpt
+from prunerzero.search.commands import run_search
+from prunerzero.search.config import config_from_dict, load_config
+from prunerzero.search.simplify import simplify
+
+
+def recon_config(tmp_path, **search):
+    return config_from_dict({
+        "name": "t", "output_dir": str(tmp_path), "seed": 3,
+        "search": {"population": 12, "generations": 4, **search},
+        "evaluator": {"type": "reconstruction"},
+    })
+
+
+class CountingEvaluator(ReconstructionEvaluator):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = []
+
+    def evaluate(self, trees):
+        self.seen += [str(t) for t in trees]
+        return super().evaluate(trees)
+
+
+def test_same_seed_same_search(tmp_path):
+    a = run_search(recon_config(tmp_path / "a"))
+    b = run_search(recon_config(tmp_path / "b"))
+    assert a.log == b.log and a.population == b.population and a.hall_of_fame(10) == b.hall_of_fame(10)
+    c = run_search(config_from_dict({**recon_config(tmp_path / "c").to_dict(), "seed": 4}))
+    assert c.population != a.population
+
+
+@pytest.mark.parametrize("algorithm", ["generational", "steady_state"])
+def test_resume_equals_uninterrupted(tmp_path, algorithm):
+    full = run_search(recon_config(tmp_path / "full", algorithm=algorithm, generations=5))
+    cfg = recon_config(tmp_path / "split", algorithm=algorithm, generations=2)
+    run_search(cfg)
+    evaluator = CountingEvaluator(seed=3)
+    resumed = run_search(cfg, resume=True, generations=5, evaluator=evaluator)
+    assert resumed.log == full.log
+    assert resumed.hall_of_fame(10) == full.hall_of_fame(10)
+    assert resumed.population == full.population
+    # the logs on disk agree as well, line for line
+    assert (cfg.run_dir / ckpt.LOG).read_text() == (tmp_path / "full" / "t" / ckpt.LOG).read_text()
+    # nothing evaluated before the interruption was evaluated again after it
+    first = json.loads((tmp_path / "full" / "t" / ckpt.STATE).read_text())["cache"]
+    before = {r["tree"] for r in first.values() if r["generation"] <= 2}
+    assert not before & set(evaluator.seen)
+
+
+def test_no_metric_is_evaluated_twice(tmp_path):
+    evaluator = CountingEvaluator(seed=3)
+    state = run_search(recon_config(tmp_path, generations=6), evaluator=evaluator)
+    keys = [simplify(Tree.parse(t)).key for t in evaluator.seen]
+    assert len(keys) == len(set(keys))
+    assert state.counters["evaluated"] + state.counters["mask_cache_hits"] == len(evaluator.seen)
+    assert state.counters["formula_cache_hits"] > 0 or state.counters["regenerated"] > 0
+    row = state.log[-1]
+    for key in ("best", "median", "unique_evaluated", "formula_cache_hits_this_gen", "evaluated_this_gen"):
+        assert key in row
+
+
+def test_bloat_limits_hold(tmp_path):
+    state = run_search(recon_config(tmp_path, generations=6, max_height=4, max_size=9, init_max_depth=3,
+                                    mutation_prob=0.9, crossover_prob=0.9))
+    for record in state.cache.values():
+        tree = Tree.parse(record["tree"])
+        assert tree.height <= 4 and len(tree) <= 9, record["tree"]
+
+
+def test_steady_state_keeps_population_size_and_improves(tmp_path):
+    state = run_search(recon_config(tmp_path, algorithm="steady_state", generations=4, seed_known_metrics=False))
+    assert len(state.population) == 12
+    bests = [r["best"] for r in state.log]
+    assert all(b2 <= b1 for b1, b2 in zip(bests, bests[1:]))
+
+
+def test_simplification_never_changes_masks_on_random_trees():
+    pset = primitive_set(list(DEFAULT_OPERATORS), ["W", "G", "X"])
+    rng = random.Random(7)
+    gen = torch.Generator().manual_seed(99)
+    stats = {"W": torch.randn(12, 48, generator=gen).abs(), "G": torch.rand(12, 48, generator=gen) * 0.1,
+             "X": torch.rand(1, 48, generator=gen) * 3}
+    random.seed(7)
+    changed = 0
+    for _ in range(300):
+        tree = to_tree(gp.genHalfAndHalf(pset, 1, 4))
+        s = simplify(tree)
+        if not s.changed:
+            continue
+        changed += 1
+        a, b = tree.evaluate(stats), s.tree.evaluate(stats)
+        for sp in (0.25, 0.5, 0.75):
+            assert torch.equal(prune_mask(a, sp), prune_mask(b, sp)), (str(tree), str(s.tree))
+    assert changed > 20 and rng
+
+
+@pytest.mark.parametrize("formula,expected", [
+    ("exp(log(W))", "W"), ("log(exp(G))", "G"), ("sqrt(sqr(W))", "W"), ("sqr(sqrt(X))", "X"),
+    ("neg(neg(W))", "W"), ("abs(abs(G))", "G"), ("mul(sqrt(W), sqrt(W))", "W"), ("add(W, sub(G, G))", "W"),
+])
+def test_opposing_operations_cancel(formula, expected):
+    assert str(simplify(Tree.parse(formula)).tree) == expected
+
+
+def test_constant_metrics_get_the_worst_fitness_without_evaluation(tmp_path):
+    from prunerzero.search.engine import GeneticSearch, SearchState
+
+    ev = CountingEvaluator()
+    search = GeneticSearch(recon_config(tmp_path).search, ev, 0, SearchState())
+    key, = search.evaluate([Tree.parse("sub(W, W)")], 0)
+    assert search.state.cache[key]["fitness"] == WORST_FITNESS and "constant" in search.state.cache[key]["reason"]
+    assert ev.seen == []
+
+
+def test_config_validation_names_the_problem(tmp_path):
+    cases = [
+        ({"search": {"popluation": 5}}, "did you mean 'population'"),
+        ({"search": {"population": "ten"}}, "search.population must be int"),
+        ({"fitness": {"sparsity": 1.2}}, "outside (0, 1)"),
+        ({"fitness": {"pattern": "2:4", "sparsity": 0.7}}, "prunes exactly 0.5"),
+        ({"fitness": {"split": "test"}}, "must not be 'test'"),
+        ({"search": {"operators": ["mul", "pow3"]}}, "unknown pow3"),
+        ({"search": {"crossover_prob": 2}}, "within [0, 1]"),
+        ({"search": {"elites": 30, "population": 10}}, "search.elites"),
+        ({"evaluator": {"type": "gpu-cloud"}}, "evaluator.type"),
+        ({"colour": "blue"}, "unknown key 'colour'"),
+    ]
+    for data, message in cases:
+        with pytest.raises(UserError, match=None) as e:
+            config_from_dict(data)
+        assert message in str(e.value), (data, str(e.value))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_shipped_configs_validate_and_dry_run_loads_nothing(capsys):
+    from prunerzero.cli import main
+
+    for name in ("smollm2-135m", "quick", "llama2-7b"):
+        assert main(["search", "--config", f"configs/{name}.yaml", "--dry-run"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["valid"] and out["fingerprint"]["fitness"]["model"]
+
+
+def test_resume_refuses_a_changed_search_space_unless_forced(tmp_path):
+    cfg = recon_config(tmp_path, generations=1)
+    run_search(cfg)
+    changed = config_from_dict({**cfg.to_dict(), "search": {**cfg.to_dict()["search"], "operators": [*cfg.search.operators, "sigmoid"]}})
+    with pytest.raises(UserError, match="search space or fitness changed"):
+        run_search(changed, resume=True, generations=2)
+    with pytest.raises(UserError, match="already holds a search"):
+        run_search(cfg)
+    state = run_search(changed, resume=True, generations=2, force=True)
+    assert state.generation == 2
+
+
+def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = recon_config(tmp_path, generations=2)
+    run_search(cfg)
+    before = (cfg.run_dir / ckpt.STATE).read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        run_search(cfg, resume=True, generations=3)
+    monkeypatch.undo()
+    assert (cfg.run_dir / ckpt.STATE).read_text() == before
+    state, _ = ckpt.load_checkpoint(cfg.run_dir)
+    assert state.generation == 2
+
+
+def test_export_writes_loadable_pruner_zero_trees(tmp_path, capsys):
+    from prunerzero.cli import main
+
+    cfg = recon_config(tmp_path, generations=2)
+    run_search(cfg)
+    out = tmp_path / "best.json"
+    assert main(["export", str(cfg.run_dir), "--top", "3", "--out", str(out), "--tree-files"]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["trees"]) == 3
+    assert [t["fitness"] for t in data["trees"]] == sorted(t["fitness"] for t in data["trees"])
+    best = Tree.load(out)
+    assert str(best) == data["trees"][0]["formula"]
+    assert Tree.load(tmp_path / "best-rank1.json") == best
+    assert (cfg.run_dir / ckpt.PLOT).stat().st_size > 1000
+    assert main(["export", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.integration
+def test_two_generations_on_the_real_model(tmp_path, smollm2):
+    from prunerzero.fitness.model_fitness import InProcessEvaluator, ModelFitness
+    from prunerzero.search.commands import fitness_settings
+
+    model, tokenizer, source = smollm2
+    cfg = config_from_dict({
+        "name": "real", "output_dir": str(tmp_path), "seed": 0,
+        "model": {"name": "smollm2-135m", "device": "cpu"},
+        "calibration": {"nsamples": 2, "seqlen": 128},
+        "fitness": {"seqlen": 128, "windows": 1},
+        "search": {"population": 4, "generations": 1, "init_max_depth": 2, "elites": 1},
+    })
+    fitness = ModelFitness(fitness_settings(cfg), cfg.run_dir, model, tokenizer, source)
+    state = run_search(cfg, evaluator=InProcessEvaluator(fitness_settings(cfg), cfg.run_dir, fitness))
+    assert state.generation == 1 and len(state.log) == 2
+    best = state.hall_of_fame(1)[0]
+    assert 1 < best["fitness"] < 1e4
+    assert list(tmp_path.glob("real/statistics-*.safetensors"))
