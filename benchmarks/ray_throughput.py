@@ -6,6 +6,10 @@ candidates per minute, every worker's peak resident memory (measured inside the 
 model's fp32 size and the statistics' size for comparison, and as the last line
 ``speedup_2_vs_1: R``.
 
+Also printed, the concurrency: the trees' own seconds summed, over the batch's wall time. It is
+near the number of workers when they overlap; a speedup well below it means the workers did run
+at once but each ran slower, that is the CPUs were not free.
+
 The statistics (X, G) are prepared once by the driver and cached in ``--run-dir``; their
 calibration (``--calib-nsamples`` x ``--calib-seqlen``) changes their values, not the cost of a
 fitness evaluation, which is set by ``--seqlen`` x ``--windows``.
@@ -23,7 +27,7 @@ import time
 import ray
 
 from prunerzero.fitness.model_fitness import FitnessSettings
-from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_path
+from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_paths, statistics_ready
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.models import load_model, prunable_linears
@@ -82,24 +86,28 @@ def main() -> None:
           f"{args.calib_seqlen}; batch of {len(batch)} trees; {args.threads} thread(s) and 1 CPU per worker")
     print(f"cpus: {os.cpu_count()}, load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
-    t0 = time.perf_counter()
+    cached = statistics_ready(settings, args.run_dir)
     runs = [run(settings, args.run_dir, 1, args.threads, batch)]
-    stats = statistics_path(settings, args.run_dir)
-    print(f"statistics: {stats.stat().st_size / 2**20:.0f} MiB ({stats.name}); first start incl. statistics "
-          f"{time.perf_counter() - t0:.1f} s")
+    files = statistics_paths(settings, args.run_dir)
+    print(f"statistics X+G: {sum(f.stat().st_size for f in files) / 2**20:.0f} MiB "
+          f"({', '.join(f.name for f in files)}), "
+          + ("found in the run folder" if cached else "computed by the driver during the first start"))
     runs.append(run(settings, args.run_dir, 2, args.threads, batch))
 
     first = runs[0]["results"]
-    print(f"{'tree':32s} {'fitness':>12s} {'seconds (1 worker)':>20s}")
-    for tree, r in zip(batch, first):
-        print(f"{str(tree):32s} {r.fitness:12.4f} {r.seconds:20.1f}" + (f"  [{r.reason}]" if r.reason else ""))
+    print(f"{'tree':32s} {'fitness':>12s} {'s (1 worker)':>13s} {'s (2 workers)':>14s}")
+    for tree, r, r2 in zip(batch, first, runs[1]["results"]):
+        print(f"{str(tree):32s} {r.fitness:12.4f} {r.seconds:13.1f} {r2.seconds:14.1f}"
+              + (f"  [{r.reason}]" if r.reason else ""))
     same = [r.fitness for r in first] == [r.fitness for r in runs[1]["results"]]
     print(f"distinct masks: {len({r.mask_key for r in first})} of {len(first)}; "
           f"fitnesses equal with 1 and 2 workers: {same}")
     for r in runs:
         rss = ", ".join(f"{x:.0f}" for x in r["rss_mb"])
+        # Tree-seconds over wall seconds: how many trees were in evaluation at once on average.
+        overlap = sum(x.seconds for x in r["results"]) / r["batch_s"]
         print(f"workers={r['workers']}: start {r['startup_s']:.1f} s, batch {r['batch_s']:.1f} s, "
-              f"{r['per_min']:.2f} candidates/min, peak RSS per worker [{rss}] MiB")
+              f"{r['per_min']:.2f} candidates/min, concurrency {overlap:.2f}, peak RSS per worker [{rss}] MiB")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"speedup_2_vs_1: {runs[1]['per_min'] / runs[0]['per_min']:.2f}")
 

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands with a `register(subparsers)` function.
-COMMAND_MODULES: list[str] = ["prunerzero.search.commands", "prunerzero.pruning.finetune"]
+COMMAND_MODULES: list[str] = ["prunerzero.search.commands", "prunerzero.pruning.finetune", "prunerzero.report"]
 
 
 def main(argv: list[str] | None = None) -> int:

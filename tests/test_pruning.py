@@ -215,3 +215,39 @@ def test_cli_bad_input_gives_one_line_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.integration
+def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
+    """SmolLM2-135M on a small budget: the perplexity protocol, and pruning that behaves as expected."""
+    import math
+
+    import torch.nn.functional as F
+
+    from prunerzero.pruning.data import calibration_windows, eval_tokens
+    from prunerzero.pruning.perplexity import perplexity
+
+    model, tokenizer, _ = smollm2
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = eval_tokens(tokenizer)
+    assert tokens.numel() > 290_000  # the whole WikiText-2 test split, rows joined with "\n\n"
+    seqlen = 128
+    ppl, n = perplexity(model, tokens, seqlen, max_windows=3, progress=False)
+    assert n == 3 * seqlen
+    losses = []
+    with torch.no_grad():
+        for i in range(3):
+            ids = tokens[i * seqlen:(i + 1) * seqlen].unsqueeze(0)
+            losses.append(F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:]).item())
+    assert math.isclose(ppl, math.exp(sum(losses) / 3), rel_tol=1e-6)
+    windows = calibration_windows(tokenizer, "wikitext2", 2, seqlen, seed=0)
+    results = {}
+    try:
+        for method in ("magnitude", "wanda"):
+            model.load_state_dict(dense)
+            report = prune_model(model, method, 0.5, Pattern(), windows=windows)
+            assert abs(report.sparsity_actual - 0.5) < 1e-3
+            results[method] = perplexity(model, tokens, seqlen, max_windows=3, progress=False)[0]
+    finally:
+        model.load_state_dict(dense)
+    assert ppl < results["wanda"] < results["magnitude"] < 1e5, (ppl, results)

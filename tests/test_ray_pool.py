@@ -20,7 +20,7 @@ import torch
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, mask_key, prepare_statistics
-from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_path
+from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_ready
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.models import SMOLLM2, cache_dir, load_model, resolve_model
@@ -80,10 +80,10 @@ def run_dir(tmp_path_factory) -> Path:
 def pool(settings, run_dir):
     """Two workers on a local Ray instance that the evaluator starts itself (and stops on close)."""
     assert not ray.is_initialized()
-    assert not statistics_path(settings, run_dir).is_file()
+    assert not statistics_ready(settings, run_dir)
     ev = RayEvaluator(settings, run_dir, RaySettings(workers=2, timeout_s=120))
     assert ray.is_initialized() and len(ev.actors) == 2
-    assert statistics_path(settings, run_dir).is_file()  # prepared once, by the driver
+    assert statistics_ready(settings, run_dir)  # prepared once, by the driver
     yield ev
     ev.close()
     assert not ray.is_initialized(), "close() must stop the Ray instance it started"
@@ -253,7 +253,7 @@ def test_worker_that_cannot_load_the_model(pool, tiny_model, tmp_path):
     fingerprint = resolve_model(str(broken)).fingerprint
     with open(broken / "model.safetensors", "r+b") as f:  # in place: the folder's stat is unchanged
         f.write(b"\xff" * 64)
-    assert resolve_model(str(broken)).fingerprint == fingerprint and statistics_path(settings, run_dir).is_file()
+    assert resolve_model(str(broken)).fingerprint == fingerprint and statistics_ready(settings, run_dir)
     start = time.monotonic()
     with pytest.raises(UserError, match="a Ray worker could not load model") as err:
         # No CPU asked: the pool's two workers hold both CPUs of this Ray instance.

@@ -43,7 +43,7 @@ from prunerzero.fitness.base import Evaluator, FitnessResult
 from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.models import load_model, resolve_model
-from prunerzero.pruning.stats import cache_key
+from prunerzero.pruning.stats import GRADIENT_SCALE, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,18 @@ class RaySettings:
             raise UserError(f"max_restarts must not be negative, not {self.max_restarts}")
 
 
-def statistics_path(settings: FitnessSettings, run_dir: str | Path) -> Path:
-    """Where :func:`prepare_statistics` keeps the statistics of these settings, without loading the model."""
+def statistics_paths(settings: FitnessSettings, run_dir: str | Path) -> list[Path]:
+    """The files in which :func:`prepare_statistics` keeps X and G for these settings, found
+    without loading the model (the same keys it uses)."""
     source = resolve_model(settings.model)
-    key = cache_key(kind="stats", model=source.fingerprint, **settings.calibration.key())
-    return Path(run_dir) / f"statistics-{key}.safetensors"
+    calib = settings.calibration.key()
+    acts = cache_key(kind="activations", model=source.fingerprint, **calib)
+    grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=source.fingerprint, **calib)
+    return [Path(run_dir) / f"activations-{acts}.safetensors", Path(run_dir) / f"gradients-{grads}.safetensors"]
+
+
+def statistics_ready(settings: FitnessSettings, run_dir: str | Path) -> bool:
+    return all(p.is_file() for p in statistics_paths(settings, run_dir))
 
 
 def _one_line(e: BaseException | str, limit: int = 400) -> str:
@@ -188,17 +195,16 @@ class RayEvaluator(Evaluator):
         if settings.device.startswith("cuda") and self.ray_settings.gpus_per_worker <= 0:
             raise UserError(f"device {settings.device!r} needs gpus_per_worker > 0 (Ray hides GPUs from workers "
                             "without one)")
-        stats = statistics_path(settings, self.run_dir)  # also fails fast on a missing model path
+        statistics_paths(settings, self.run_dir)  # fails fast on a missing model path
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._connect()
             self._check_resources()
-            driver_prepares = not stats.is_file() and _device_available(settings.device)
-            if driver_prepares:
-                self._prepare_statistics(stats)
+            if not statistics_ready(settings, self.run_dir) and _device_available(settings.device):
+                self._prepare_statistics()
             # Without the statistics (the driver cannot use the device), the first worker computes
             # them into the run folder and the others start once it is ready and load them.
-            first = 1 if not stats.is_file() else self.ray_settings.workers
+            first = self.ray_settings.workers if statistics_ready(settings, self.run_dir) else 1
             self._start_workers(first)
             if first < self.ray_settings.workers:
                 self._start_workers(self.ray_settings.workers - first)
@@ -240,18 +246,19 @@ class RayEvaluator(Evaluator):
                 raise UserError(f"{workers} workers x {per:g} {kind}(s) need {per * workers:g} but "
                                 f"the Ray cluster has {have:g}; use workers={fit} or fewer {kind}s per worker")
 
-    def _prepare_statistics(self, expected: Path) -> None:
+    def _prepare_statistics(self) -> None:
         log.info("computing the statistics once in the driver")
         model, tokenizer, source = load_model(self.settings.model, self.settings.device)
         try:
-            path = prepare_statistics(model, tokenizer, source, self.settings, self.run_dir)
+            prepare_statistics(model, tokenizer, source, self.settings, self.run_dir)
         finally:
             del model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        if path != expected:  # the workers would compute them again, each; correct but slow
-            log.warning("statistics stored as %s, expected %s", path, expected)
+        if not statistics_ready(self.settings, self.run_dir):  # then every worker computes them: slow
+            log.warning("statistics are not where expected: %s", ", ".join(map(str, statistics_paths(
+                self.settings, self.run_dir))))
 
     def _new_actor(self) -> _Slot:
         threads = str(self.ray_settings.threads_per_worker)

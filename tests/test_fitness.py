@@ -1,0 +1,92 @@
+"""The in-process model fitness on a tiny random LLaMA: caches, exact restore, degenerate trees."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prunerzero.errors import UserError
+from prunerzero.fitness.base import WORST_FITNESS
+from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, ModelFitness, mask_key
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.calibration import Calibration
+from prunerzero.pruning.masks import Pattern
+from prunerzero.pruning.perplexity import perplexity
+from prunerzero.pruning.prune import masked_weights, prune_model, score_masks
+from tests.conftest import tiny_llama
+
+
+class CharTokenizer:
+    """Bytes as tokens (vocab 128): enough to feed real text to a tiny model."""
+
+    def __call__(self, text, return_tensors=None):
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) % 128 for c in text]]))
+
+
+@pytest.fixture
+def fitness(tmp_path):
+    model = tiny_llama()
+    settings = FitnessSettings(model="tiny", calibration=Calibration(nsamples=2, seqlen=32), seqlen=32, windows=2)
+    return ModelFitness(settings, tmp_path, model, CharTokenizer(), SimpleNamespace(fingerprint="tiny-test"))
+
+
+def test_evaluation_restores_weights_bitwise_and_matches_real_pruning(fitness):
+    before = {k: v.clone() for k, v in fitness.model.state_dict().items()}
+    tree = Tree.parse("mul(abs(W), sqrt(X))")
+    result = fitness.evaluate(tree)
+    assert all(torch.equal(before[k], v) for k, v in fitness.model.state_dict().items())
+    assert result.fitness > 1 and result.mask_key and set(result.timings) == {"score_mask", "forward"}
+    # the masked forward gives the same perplexity as really zeroing the weights
+    masks = fitness.masks(tree)
+    prune_model(fitness.model, "tree", 0.5, Pattern(), tree=tree, activations=fitness.activations)
+    ppl, _ = perplexity(fitness.model, fitness.tokens, 32, 2, progress=False)
+    assert ppl == pytest.approx(result.fitness, rel=1e-5)
+    fitness.model.load_state_dict(before)
+    with masked_weights(fitness.model, masks):
+        assert all((lin.weight == 0).sum() == 0 for lin in fitness.linears.values())  # swapped only during forward
+
+
+def test_mask_cache_catches_monotone_transforms(fitness):
+    a = fitness.evaluate(Tree.parse("abs(W)"))
+    b = fitness.evaluate(Tree.parse("sqrt(abs(W))"))
+    c = fitness.evaluate(Tree.parse("log(W)"))
+    assert a.cached is None and b.cached == "mask" and c.cached == "mask"
+    assert a.fitness == b.fitness == c.fitness and a.mask_key == b.mask_key == c.mask_key
+    d = fitness.evaluate(Tree.parse("G"))
+    assert d.cached is None and d.mask_key != a.mask_key
+
+
+def test_degenerate_trees_get_the_worst_fitness_with_a_reason(fitness):
+    evaluator = InProcessEvaluator(fitness.settings, "unused", fitness)
+    res, = evaluator.evaluate([Tree.parse("mms(sub(W, W))")])
+    assert res.fitness == WORST_FITNESS and "constant" in res.reason
+
+
+def test_mask_key_is_order_independent_and_content_sensitive():
+    m = {"a": torch.tensor([[True, False]]), "b": torch.tensor([[False, True]])}
+    assert mask_key(m) == mask_key(dict(reversed(list(m.items()))))
+    assert mask_key(m) != mask_key({"a": m["b"], "b": m["a"]})
+
+
+def test_fitness_settings_refuse_the_test_split_and_bad_sparsity():
+    with pytest.raises(UserError, match="test split"):
+        FitnessSettings(split="test")
+    with pytest.raises(UserError, match="prunes exactly"):
+        FitnessSettings(pattern="2:4", sparsity=0.3)
+
+
+def test_statistics_are_computed_once_per_run_folder(tmp_path):
+    model = tiny_llama()
+    settings = FitnessSettings(model="tiny", calibration=Calibration(nsamples=2, seqlen=32), seqlen=32, windows=1)
+    src = SimpleNamespace(fingerprint="tiny-test")
+    first = ModelFitness(settings, tmp_path, model, CharTokenizer(), src)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.startswith("gradients-") for f in files) and any(f.startswith("activations-") for f in files)
+    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    second = ModelFitness(settings, tmp_path, model, CharTokenizer(), src)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamp
+    for name in first.gradients:
+        assert torch.equal(first.gradients[name], second.gradients[name])
+        assert torch.equal(first.activations[name], second.activations[name])
+    masks = score_masks(model, lambda n, s: s["W"], 0.5, Pattern())
+    assert len(masks) == len(first.linears)
