@@ -71,10 +71,9 @@ def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     surplus = at_most.sum(1, keepdim=True) - k
     if not bool(surplus.any()):
         return at_most
-    # Ties at the threshold: keep only the lowest-index ones, as a stable sort would.
-    equal = scores == kth
-    need = k - (scores < kth).sum(1, keepdim=True)
-    return (scores < kth) | (equal & (equal.cumsum(1) <= need))
+    # Ties at the threshold: fall back to the reference's stable sort, which breaks them by index.
+    idx = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
+    return torch.zeros_like(at_most).scatter_(1, idx, True)
 
 
 def prune_mask(
