@@ -30,10 +30,10 @@ from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.data import joined_tokens
 from prunerzero.pruning.masks import Pattern, check_sparsity, prune_mask
-from prunerzero.pruning.models import load_model, prunable_linears
+from prunerzero.pruning.models import load_model, prunable_linears, resolve_model
 from prunerzero.pruning.perplexity import window_losses
 from prunerzero.pruning.prune import layer_stats, masked_weights, prune_model
-from prunerzero.pruning.stats import cache_key, collect_activation_norms, save_tensors_atomic
+from prunerzero.pruning.stats import GRADIENT_SCALE, cache_key, collect_activation_norms, save_tensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,22 @@ def mask_key(masks: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint: str | None = None) -> tuple[Path, Path]:
+    """(activations file, gradients file) where a run keeps X and G for these settings."""
+    fingerprint = fingerprint or resolve_model(settings.model).fingerprint
+    calib = settings.calibration.key()
+    acts = cache_key(kind="activations", model=fingerprint, **calib)
+    grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=fingerprint, **calib)
+    return Path(run_dir) / f"activations-{acts}.safetensors", Path(run_dir) / f"gradients-{grads}.safetensors"
+
+
 def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, settings: FitnessSettings,
                        run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(X, G) of the dense model, computed once and stored in the run folder (safetensors);
     later calls, and every Ray worker, load them."""
-    key = cache_key(kind="activations", model=source.fingerprint, **settings.calibration.key())
-    path = Path(run_dir) / f"activations-{key}.safetensors"
+    path, grads_path = statistics_paths(settings, run_dir, source.fingerprint)
     windows = None
-    grads_key = cache_key(kind="gradients", scale=100.0, model=source.fingerprint, **settings.calibration.key())
-    if not path.is_file() or not (Path(run_dir) / f"gradients-{grads_key}.safetensors").is_file():
+    if not path.is_file() or not grads_path.is_file():
         windows = settings.calibration.windows(tokenizer)
     if path.is_file():
         acts = load_file(str(path))

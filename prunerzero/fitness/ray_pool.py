@@ -40,10 +40,9 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import Evaluator, FitnessResult
-from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics
+from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics, statistics_paths
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.models import load_model, resolve_model
-from prunerzero.pruning.stats import GRADIENT_SCALE, cache_key
+from prunerzero.pruning.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +81,6 @@ class RaySettings:
             raise UserError("timeout_s and startup_timeout_s must be positive")
         if self.max_restarts < 0:
             raise UserError(f"max_restarts must not be negative, not {self.max_restarts}")
-
-
-def statistics_paths(settings: FitnessSettings, run_dir: str | Path) -> list[Path]:
-    """The files in which :func:`prepare_statistics` keeps X and G for these settings, found
-    without loading the model (the same keys it uses)."""
-    source = resolve_model(settings.model)
-    calib = settings.calibration.key()
-    acts = cache_key(kind="activations", model=source.fingerprint, **calib)
-    grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=source.fingerprint, **calib)
-    return [Path(run_dir) / f"activations-{acts}.safetensors", Path(run_dir) / f"gradients-{grads}.safetensors"]
 
 
 def statistics_ready(settings: FitnessSettings, run_dir: str | Path) -> bool:
