@@ -169,6 +169,17 @@ def _parse_patterns(text: str) -> list[str]:
     return [] if text.strip().lower() in ("", "none") else [p.strip() for p in text.split(",")]
 
 
+def _tree_label(rank: int, formula: str) -> str:
+    """``#1 mul(W, sqrt(X))``, with ``(= wanda)`` when the metric is a known one in another spelling."""
+    from prunerzero.primitives.tree import Tree
+    from prunerzero.search.engine import KNOWN_METRICS
+    from prunerzero.search.simplify import simplify
+
+    key = simplify(Tree.parse(formula)).key
+    same = [n for n, f in KNOWN_METRICS.items() if simplify(Tree.parse(f)).key == key]
+    return f"#{rank} {formula}" + (f" (= {same[0]})" if same else "")
+
+
 def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """The sweep of a run's top metrics on the run's model, with the calibration of the run."""
     from prunerzero.cli import pick_device
@@ -187,9 +198,12 @@ def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], arg
     calib = Calibration(run_calib.source, run_calib.split, args.nsamples or run_calib.nsamples,
                         args.seqlen or run_calib.seqlen, run_calib.seed, data_dir)
     eval_seqlen = args.eval_seqlen or (1024 if device == "cpu" else 2048)
-    trees = [(f"#{r['rank']} {r['formula']}", Tree.parse(r["formula"])) for r in hof]
+    trees = [(_tree_label(r["rank"], r["formula"]), Tree.parse(r["formula"])) for r in hof]
+    name = (cfg.get("model") or {}).get("name")
+    if not name:
+        raise UserError(f"{run_dir / 'config.yaml'} names no model (model.name); the sweep needs one")
 
-    model, tokenizer, source = load_model(cfg["model"]["name"], device)
+    model, tokenizer, source = load_model(name, device)
     tokens = eval_tokens(tokenizer, data_dir=data_dir)
     windows = calib.windows(tokenizer)
     gradients = None
@@ -199,7 +213,7 @@ def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], arg
         gradients = gradients_for(model, source, windows, calib, folder)
     result = sparsity_sweep(model, tokens, trees, windows=windows, gradients=gradients, sparsities=sparsities,
                             patterns=patterns, eval_seqlen=eval_seqlen, eval_windows=args.sweep_windows)
-    result.update(model=cfg["model"]["name"], device=device, eval_data="wikitext2:test", calibration=calib.key(),
+    result.update(model=name, device=device, eval_data="wikitext2:test", calibration=calib.key(),
                   made=_now())
     return result
 
@@ -214,18 +228,35 @@ def _pyplot():
     return plt
 
 
+def _num(v: float) -> str:
+    """A tick label: plain up to 9999 (0.002, 30, 5000), then 2×10⁴."""
+    if v <= 0 or v < 1e4:
+        return f"{v:.4g}"
+    k = math.floor(math.log10(v) + 1e-9)
+    lead = v / 10**k
+    return f"$10^{{{k}}}$" if abs(lead - 1) < 1e-6 else f"${lead:g}\\times10^{{{k}}}$"
+
+
 def _plain_log_axis(ax: Any) -> None:
-    """Log-scale y labels as plain numbers (0.002, 30, 200), not 2x10^-3."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    """Log-scale y labels as plain numbers (0.002, 30, 200), not 2x10^-3; between the powers of ten,
+    label 2, 3 and 5 when the axis spans little more than a decade, 2 and 5 up to ~2.5 decades."""
+    from matplotlib.ticker import FuncFormatter
 
     lo, hi = ax.get_ylim()
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(fmt)
-    if hi / lo < 20:  # less than ~1.3 decades: label 2, 3, 5 between the powers of ten too
-        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
-        ax.yaxis.set_minor_formatter(fmt)
-    else:
-        ax.yaxis.set_minor_formatter(NullFormatter())
+    span = hi / lo if lo > 0 else float("inf")
+    plain = FuncFormatter(lambda v, _: _num(v))
+    ax.yaxis.set_major_formatter(plain)
+    if span < 3:  # too narrow for 2-3-5 ticks: label every tick matplotlib places
+        ax.yaxis.set_minor_formatter(plain)
+        return
+    keep = (2, 3, 5) if span < 20 else (2, 5) if span < 300 else ()
+
+    def minor(v: float, _pos: Any) -> str:
+        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6) if v > 0 else 0
+        return _num(v) if lead in keep else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.tick_params(axis="y", which="minor", labelsize=8)
 
 
 def _save(fig: Any, path: Path) -> bytes:
@@ -286,9 +317,11 @@ def _styles(methods: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for m in methods:
         if m["kind"] in _BASELINE_STYLE:
             color, marker = _BASELINE_STYLE[m["kind"]]
-            out[m["label"]] = dict(color=color, marker=marker, linestyle="--", linewidth=1.3)
+            # thin dashed baselines drawn over the thick tree lines: a tree equal to a baseline hides neither
+            out[m["label"]] = dict(color=color, marker=marker, linestyle="--", linewidth=1.3, zorder=4)
         else:
-            out[m["label"]] = dict(color=_TREE_COLORS[k % len(_TREE_COLORS)], marker="o", linestyle="-", linewidth=2)
+            out[m["label"]] = dict(color=_TREE_COLORS[k % len(_TREE_COLORS)], marker="o", linestyle="-", linewidth=2.2,
+                                   zorder=3)
             k += 1
     return out
 
@@ -401,6 +434,13 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _ppl(v: Any) -> str:
+    """A perplexity for a table: 31.58, 321.57, 1,405, 31,455."""
+    if not _finite(v):
+        return "–" if v is None else _e(v)
+    return f"{v:.2f}" if v < 1000 else f"{v:,.0f}"
+
+
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for k, v in (d or {}).items():
@@ -450,18 +490,18 @@ def _sweep_html(sweep: dict[str, Any], png: bytes | None, fresh: bool, json_path
             v = c["ppl"] if c else None
             cls = "num best" if v is not None and v == best[cell] else "num"
             tip = f' title="actual sparsity {c["sparsity_actual"]:.4f}, {c["seconds"]} s"' if c else ""
-            tds.append(f'<td class="{cls}"{tip}>{_fmt(v, 4)}</td>')
+            tds.append(f'<td class="{cls}"{tip}>{_ppl(v)}</td>')
         name = f"<code>{_e(m['label'])}</code>" if m["kind"] == "tree" else _e(m["label"])
         body.append(f"<tr><td>{name}</td>{''.join(tds)}</tr>")
     ev = sweep.get("eval", {})
     cal = sweep.get("calibration") or {}
-    origin = "measured now" if fresh else f"from {_e(json_path.name)} (made {_e(sweep.get('made', '?'))}); rerun with --sweep to refresh"
+    origin = "Measured now" if fresh else f"Read from {_e(json_path.name)} (made {_e(sweep.get('made', '?'))}); rerun with --sweep to refresh"
     parts = [
         f'<p class="note">Model <code>{_e(sweep.get("model", "?"))}</code> on {_e(sweep.get("device", "?"))}; '
         f'WikiText-2 test perplexity over the first {_e(ev.get("windows"))} windows of {_e(ev.get("seqlen"))} tokens '
         f'({_e(ev.get("tokens"))} tokens); calibration {_e(cal.get("source", "?"))}:{_e(cal.get("split") or "")} '
         f'{_e(cal.get("nsamples", "?"))} × {_e(cal.get("seqlen", "?"))} tokens, seed {_e(cal.get("seed", "?"))}. '
-        f'Dense model: <b>{_fmt(sweep.get("dense_ppl"), 5)}</b>. {origin}; the whole sweep took {_e(sweep.get("seconds", "?"))} s.</p>',
+        f'Dense model: <b>{_ppl(sweep.get("dense_ppl"))}</b>. {origin}. The whole sweep took {_e(sweep.get("seconds", "?"))} s.</p>',
         _img(png, "perplexity against sparsity") if png else "",
         f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>",
         '<p class="note">Columns are unstructured sparsities, then N:M patterns; the lowest perplexity of each column is '
@@ -481,7 +521,7 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
            f"<style>{CSS}</style></head><body>",
            f"<h1>Pruner-Zero search: {_e(name)}</h1>",
            f'<p class="meta">Run folder <code>{_e(run_dir)}</code> · report made {_e(_now())} · '
-           f"{generations + 1 if generations >= 0 else 0} generations (0–{max(generations, 0)}) · "
+           f"{f'generations 0–{generations} done' if generations >= 0 else 'no generation done yet'} · "
            f"{len(state.cache)} distinct metrics seen · evaluator {_e(evaluator)} · model {_e(model)}</p>"]
 
     out.append("<h2>Best metrics</h2>")

@@ -257,7 +257,7 @@ def test_worker_that_cannot_load_the_model(pool, tiny_model, tmp_path):
     start = time.monotonic()
     with pytest.raises(UserError, match="a Ray worker could not load model") as err:
         # No CPU asked: the pool's two workers hold both CPUs of this Ray instance.
-        RayEvaluator(settings, run_dir, RaySettings(workers=1, cpus_per_worker=0, startup_timeout_s=120))
+        RayEvaluator(settings, run_dir, RaySettings(workers=1, cpus_per_worker=0, startup_timeout_s=400))
     assert "\n" not in str(err.value)
-    assert time.monotonic() - start < 90
+    assert time.monotonic() - start < 400  # ~20 s on an idle machine; generous for a loaded one
     assert ray.is_initialized()

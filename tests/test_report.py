@@ -142,7 +142,7 @@ def test_saved_sweep_shown_again(recon_run, tmp_path):
     (copy / "sweep.json").write_text(json.dumps(sweep))
     assert main(["report", str(copy)]) == 0
     page = (copy / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "#1 mul(W, X)" in page and "from sweep.json" in page
+    assert page.count("data:image/png;base64,") == 2 and "#1 mul(W, X)" in page and "Read from sweep.json" in page
     assert (copy / "sweep.png").is_file()
 
 
@@ -150,3 +150,10 @@ def test_fitness_figure_empty_log(tmp_path):
     from prunerzero.search.engine import SearchState
 
     assert fitness_figure(SearchState(), "y", "t", tmp_path / "f.png") is None
+
+
+def test_sweep_labels_name_known_metrics():
+    from prunerzero.report import _tree_label
+
+    assert _tree_label(1, "mul(W, sqrt(X))") == "#1 mul(W, sqrt(X)) (= wanda)"
+    assert _tree_label(2, "mul(W, X)") == "#2 mul(W, X)"

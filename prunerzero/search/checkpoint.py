@@ -98,8 +98,11 @@ def plot_progress(run_dir: Path, state: SearchState) -> None:
     med = [(r["generation"], r["median"]) for r in rows if r["median"] is not None and r["median"] < WORST_FITNESS]
     if med:
         ax.plot(*zip(*med), marker=".", linestyle="--", label="population median")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (perplexity, lower is better)")
+    ax.set_ylabel("fitness (lower is better)")
     ax.set_yscale("log")
     ax.set_title(f"search progress, best: {rows[-1]['best_tree']}"[:90], fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
