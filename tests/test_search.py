@@ -226,4 +226,4 @@ def test_two_generations_on_the_real_model(tmp_path, smollm2):
     assert state.generation == 1 and len(state.log) == 2
     best = state.hall_of_fame(1)[0]
     assert 1 < best["fitness"] < 1e4
-    assert list(tmp_path.glob("real/statistics-*.safetensors"))
+    assert list(tmp_path.glob("real/activations-*.safetensors")) and list(tmp_path.glob("real/gradients-*.safetensors"))
