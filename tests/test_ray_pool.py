@@ -45,7 +45,7 @@ def smollm2_tokenizer():
         try:
             load_model(SMOLLM2)  # converts the GGUF file once and caches it
         except UserError as e:
-            pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+            pytest.fail(f"SmolLM2 tokenizer unavailable: {e}")
     return AutoTokenizer.from_pretrained(_tokenizer_folder())
 
 

@@ -36,9 +36,21 @@ def have_local(name: str) -> bool:
     return data_mod.find_data_file(zeroshot._TASKS[name].local) is not None
 
 
-needs_data = pytest.mark.skipif(
-    not all(have_local(t) for t in KNOWN_TASKS), reason="the shared zero-shot data files are not here"
-)
+def _require_data(fn):
+    """The shared zero-shot files are a prerequisite: their absence fails loudly, it is not skipped."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        missing = [t for t in KNOWN_TASKS if not have_local(t)]
+        if missing:
+            pytest.fail(f"zero-shot data missing for {', '.join(missing)}; set PRUNERZERO_DATA to the shared data folder")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+needs_data = _require_data
 
 
 @pytest.fixture()
@@ -167,7 +179,7 @@ def test_split_hellaswag_ctx():
 def test_openbookqa_answers_agree_with_the_mosaicml_copy():
     path = data_mod.find_data_file("zeroshot/openbookqa/openbook_qa.jsonl")
     if path is None:
-        pytest.skip("no openbook_qa.jsonl")
+        pytest.fail("zeroshot/openbookqa/openbook_qa.jsonl missing; set PRUNERZERO_DATA to the shared data folder")
     docs = local_docs("openbookqa")
     with open(path, encoding="utf-8") as f:
         mosaic = [json.loads(line) for line in f]
@@ -188,7 +200,7 @@ def tokenizer():
     try:
         source = resolve_model("smollm2-135m")
     except UserError as e:
-        pytest.skip(str(e))
+        pytest.fail(str(e))
     converted = cache_dir() / "models" / f"{source.gguf_file.rsplit('.', 1)[0]}-{source.fingerprint}"
     if (converted / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(converted))
