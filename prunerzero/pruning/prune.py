@@ -55,13 +55,12 @@ class PruneReport:
     pattern: str
     sparsity_target: float
     seconds: float
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)  # fraction of zeros per layer
+    layer_sparsity_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # (zeros, total)
 
     @property
     def sparsity_actual(self) -> float:
         return layer_sparsity_total(self.layer_sparsity_counts)
-
-    layer_sparsity_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def layer_sparsity_total(counts: Mapping[str, tuple[int, int]]) -> float:
@@ -222,7 +221,8 @@ def prune_model(
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "tree" and tree is None:
         raise UserError("method tree needs a tree: --tree FILE.json (or --tree pruner-zero)")
-    score: ScoreFn = {"magnitude": magnitude_score, "wanda": wanda_score}.get(method) or (tree_score(tree) if tree else magnitude_score)
+    # sparsegpt chooses its own masks inside sparsegpt_prune; the others rank by a score
+    score: ScoreFn = tree_score(tree) if method == "tree" else {"wanda": wanda_score}.get(method, magnitude_score)
     needs = {"magnitude": {"W"}, "wanda": {"W", "X"}, "sparsegpt": {"W", "H"}, "tree": tree.terminals if tree else set()}[method]
     if "G" in needs and gradients is None:
         raise UserError(f"{'tree ' + str(tree) if tree else method} uses G: gradients are needed")
