@@ -56,6 +56,19 @@ def test_mask_cache_catches_monotone_transforms(fitness):
     assert d.cached is None and d.mask_key != a.mask_key
 
 
+def test_a_low_budget_measures_a_prefix_of_the_fitness_windows(fitness):
+    tree = Tree.parse("mul(abs(W), sqrt(X))")
+    full, low = fitness.evaluate(tree), fitness.evaluate(tree, budget=1)
+    assert full.budget is None and low.budget == 1 and low.cached is None  # cached per budget
+    with masked_weights(fitness.model, fitness.masks(tree)):
+        first, _ = perplexity(fitness.model, fitness.tokens, 32, 1, progress=False)
+    assert low.fitness == pytest.approx(first, rel=1e-6) and low.fitness != full.fitness
+    assert fitness.evaluate(tree, budget=1).cached == "mask"
+    assert fitness.evaluate(tree, budget=2).cached == "mask"  # 2 windows is the full budget
+    with pytest.raises(UserError, match="outside 1..2"):
+        fitness.evaluate(tree, budget=3)
+
+
 def test_degenerate_trees_get_the_worst_fitness_with_a_reason(fitness):
     evaluator = InProcessEvaluator(fitness.settings, "unused", fitness)
     res, = evaluator.evaluate([Tree.parse("mms(sub(W, W))")])

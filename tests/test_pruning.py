@@ -24,6 +24,21 @@ def test_unstructured_mask_prunes_exactly_per_row_like_the_reference():
     assert (prune_mask(scores, 0.3).sum(1) == 12).all()
 
 
+def test_ties_are_broken_like_the_reference_stable_sort():
+    # integer scores tie a lot; the selection's tie repair must give the stable sort's choice
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows, cols = torch.randint(1, 12, (2,), generator=gen).tolist()
+        cols = max(cols, 2)
+        scores = torch.randint(0, 4, (rows, cols), generator=gen).float()
+        sparsity = float(torch.rand(1, generator=gen)) * 0.9 + 0.05
+        k = int(cols * sparsity)
+        ref = torch.zeros(rows, cols, dtype=torch.bool)
+        if k:
+            ref.scatter_(1, torch.sort(scores, dim=-1, stable=True).indices[:, :k], True)
+        assert torch.equal(prune_mask(scores, sparsity), ref)
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 def test_n_m_masks_prune_n_lowest_of_every_group(n, m):
     scores = torch.randn(8, 32)
@@ -251,3 +266,28 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
     finally:
         model.load_state_dict(dense)
     assert ppl < results["wanda"] < results["magnitude"] < 1e5, (ppl, results)
+
+
+def test_sliced_head_loss_equals_the_full_logits_loss():
+    import torch.nn.functional as F
+
+    from prunerzero.pruning.perplexity import LOSS_CHUNK, window_loss
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 3 * LOSS_CHUNK + 17))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        full = float(F.cross_entropy(logits[0, :-1], ids[0, 1:]))
+        assert window_loss(model, ids) == pytest.approx(full, rel=1e-6)
+
+
+def test_batched_windows_give_the_per_window_losses():
+    from prunerzero.pruning.perplexity import window_losses
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    tokens = torch.randint(0, model.config.vocab_size, (5 * 40 + 7,))
+    one = window_losses(model, tokens, 40, progress=False)
+    batched = window_losses(model, tokens, 40, progress=False, windows_per_forward=3)
+    assert len(one) == 5 and batched == pytest.approx(one, rel=1e-5)

@@ -159,6 +159,15 @@ def test_ray_fitness_equals_in_process(pool, reference):
     again = pool.evaluate(trees(*KNOWN))
     assert [r.cached for r in again] == ["mask"] * 4
     assert [r.fitness for r in again] == [r.fitness for r in got[:4]]
+    # A low budget is measured, not served from the full-budget cache, and agrees with in-process.
+    low = pool.evaluate(trees(*KNOWN), budget=1)
+    assert [r.cached for r in low] == [None] * 4 and all(r.budget == 1 for r in low)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert [r.fitness for r in low] == [r.fitness for r in reference.evaluate(trees(*KNOWN), budget=1)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_remember_seeds_the_workers(pool, reference):
@@ -190,10 +199,10 @@ def test_tree_that_raises_gets_worst_fitness(pool, reference):
     def poison(self):
         original = self.fitness.evaluate
 
-        def evaluate(tree):
+        def evaluate(tree, budget=None):
             if str(tree) == "sub(W, G)":
                 raise RuntimeError("boom")
-            return original(tree)
+            return original(tree, budget)
 
         self.fitness.evaluate = evaluate
 

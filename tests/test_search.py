@@ -32,9 +32,9 @@ class CountingEvaluator(ReconstructionEvaluator):
         super().__init__(**kw)
         self.seen = []
 
-    def evaluate(self, trees):
+    def evaluate(self, trees, budget=None):
         self.seen += [str(t) for t in trees]
-        return super().evaluate(trees)
+        return super().evaluate(trees, budget)
 
 
 def test_same_seed_same_search(tmp_path):
@@ -128,6 +128,36 @@ def test_constant_metrics_get_the_worst_fitness_without_evaluation(tmp_path):
     assert ev.seen == []
 
 
+def test_multi_fidelity_promotes_the_best_and_never_ranks_the_rest_above_them(tmp_path):
+    from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
+    from prunerzero.search.engine import GeneticSearch, SearchState
+
+    inner = CountingEvaluator()  # full budget: 8 blocks of 32 rows
+    ev = MultiFidelityEvaluator(inner, low_budget=2, promote=0.25)
+    pset = primitive_set(list(DEFAULT_OPERATORS), ["W", "G", "X"])
+    random.seed(1)
+    trees = list({str(t): t for t in (to_tree(gp.genHalfAndHalf(pset, 1, 3)) for _ in range(24))}.values())
+    results = ev.evaluate(trees)
+    low = inner.evaluate(trees, 2)
+    rankable = [i for i, r in enumerate(low) if r.reason is None]
+    promoted = [i for i, r in enumerate(results) if r.low_fitness is not None and not r.estimated]
+    assert len(promoted) == -(-len(rankable) // 4)  # ceil(0.25 * rankable)
+    worst_promoted_low = max(low[i].fitness for i in promoted)
+    for i in rankable:
+        assert results[i].low_fitness == low[i].fitness  # the low rung is a real measurement
+        if i in promoted:  # measured again on the full budget
+            assert results[i].budget is None and results[i].fitness == inner.evaluate([trees[i]])[0].fitness
+        else:  # stopped on the low rung: worse there than every promoted tree, and ranked below them
+            assert results[i].estimated and low[i].fitness >= worst_promoted_low
+            assert results[i].fitness >= max(results[j].fitness for j in promoted)
+    # in a search: counters record the saving, and estimated fitnesses never reach the hall of fame
+    search = GeneticSearch(recon_config(tmp_path).search, MultiFidelityEvaluator(CountingEvaluator(), 2, 0.25), 0)
+    state = search.run(2)
+    assert state.counters["promoted"] > 0 and state.counters["stopped_low"] > state.counters["promoted"]
+    assert not any(r.get("estimated") for r in state.hall_of_fame(10))
+    assert any(r.get("estimated") for r in state.cache.values())
+
+
 def test_config_validation_names_the_problem(tmp_path):
     cases = [
         ({"search": {"popluation": 5}}, "did you mean 'population'"),
@@ -140,6 +170,9 @@ def test_config_validation_names_the_problem(tmp_path):
         ({"search": {"elites": 30, "population": 10}}, "search.elites"),
         ({"evaluator": {"type": "gpu-cloud"}}, "evaluator.type"),
         ({"colour": "blue"}, "unknown key 'colour'"),
+        ({"fitness": {"windows": 4, "multi_fidelity": {"low_windows": 4}}}, "low_windows must be within [1, fitness.windows - 1 = 3]"),
+        ({"fitness": {"windows": 4, "multi_fidelity": {"promote": 1.5}}}, "promote must be a fraction"),
+        ({"fitness": {"windows": 4, "multi_fidelity": {"low_window": 1}}}, "did you mean 'low_windows'"),
     ]
     for data, message in cases:
         with pytest.raises(UserError, match=None) as e:

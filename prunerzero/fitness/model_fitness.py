@@ -13,29 +13,32 @@ Statistics modes:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from prunerzero.errors import UserError
-from prunerzero.fitness.base import Evaluator, FitnessResult
+from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.data import joined_tokens
-from prunerzero.pruning.masks import Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.pruning.models import load_model, prunable_linears, resolve_model
 from prunerzero.pruning.perplexity import window_losses
-from prunerzero.pruning.prune import layer_stats, masked_weights, prune_model
+from prunerzero.pruning.prune import layer_stats, masked_weights, prune_model, unrankable
 from prunerzero.pruning.stats import GRADIENT_SCALE, cache_key, collect_activation_norms, save_tensors_atomic
 
 log = logging.getLogger(__name__)
+
+# Fitness windows are run this many tokens per forward pass: the masks are swapped in once per
+# pass, and larger matrix products run faster. Activation memory grows with it.
+FORWARD_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,9 @@ class FitnessSettings:
         return d
 
 
-def mask_key(masks: dict[str, torch.Tensor]) -> str:
+def mask_key(masks: Mapping[str, torch.Tensor]) -> str:
     """Hash of a whole mask set: equal keys mean equal pruned models, so equal fitness."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(masks):
-        h.update(name.encode())
-        h.update(np.packbits(masks[name].cpu().numpy()).tobytes())
-    return h.hexdigest()
+    return (masks if isinstance(masks, PackedMasks) else PackedMasks.of(masks)).key()
 
 
 def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint: str | None = None) -> tuple[Path, Path]:
@@ -127,52 +126,65 @@ class ModelFitness:
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
         self.known_masks: dict[str, float] = {}
 
-    def masks(self, tree: Tree) -> dict[str, torch.Tensor] | str:
-        """The tree's masks, or the reason it cannot rank weights."""
-        masks = {}
+    def masks(self, tree: Tree) -> PackedMasks | str:
+        """The tree's masks (packed: a bool copy of every weight is what a worker can least
+        afford), or the reason it cannot rank weights."""
+        masks = PackedMasks()
         for name, lin in self.linears.items():
             scores = tree.evaluate(layer_stats(lin.weight, self.activations.get(name), self.gradients.get(name)))
-            if not torch.isfinite(scores).all():
-                return f"scores contain NaN or Inf in {name}"
-            if bool((scores.amax(dim=1) == scores.amin(dim=1)).all()):
-                return f"scores are constant in every row of {name}"
-            masks[name] = prune_mask(scores, self.settings.sparsity, self.pattern)
+            reason = unrankable(scores)
+            if reason:
+                return f"{reason} in {name}"
+            masks.add(name, prune_mask(scores, self.settings.sparsity, self.pattern))
         return masks
 
-    def forward_loss(self) -> float:
-        losses = window_losses(self.model, self.tokens, self.settings.seqlen, self.settings.windows, progress=False)
+    def _budget(self, budget: int | None) -> int | None:
+        """None for the full budget, else a number of windows below it."""
+        if budget is None or budget == self.settings.windows:
+            return None
+        if not 0 < budget < self.settings.windows:
+            raise UserError(f"fitness budget {budget} windows is outside 1..{self.settings.windows} (fitness.windows)")
+        return budget
+
+    def forward_loss(self, budget: int | None = None) -> float:
+        """Perplexity of the model as it is on the first ``budget`` fitness windows (all if None)."""
+        windows = self._budget(budget) or self.settings.windows
+        losses = window_losses(self.model, self.tokens, self.settings.seqlen, windows, progress=False,
+                               windows_per_forward=max(1, FORWARD_TOKENS // self.settings.seqlen))
         return float(np.exp(np.mean(losses)))
 
-    def evaluate(self, tree: Tree) -> FitnessResult:
+    def evaluate(self, tree: Tree, budget: int | None = None) -> FitnessResult:
         start = time.perf_counter()
+        budget = self._budget(budget)
         if self.settings.stats_mode == "sequential":
-            return self._evaluate_sequential(tree, start)
+            return self._evaluate_sequential(tree, start, budget)
         masks = self.masks(tree)
         if isinstance(masks, str):
             return FitnessResult.worst(masks, time.perf_counter() - start)
         key = mask_key(masks)
         t_mask = time.perf_counter()
-        if key in self.known_masks:
-            return FitnessResult(self.known_masks[key], mask_key=key, seconds=t_mask - start, cached="mask")
+        known = self.known_masks.get(mask_cache_key(key, budget))
+        if known is not None:
+            return FitnessResult(known, mask_key=key, seconds=t_mask - start, cached="mask", budget=budget)
         with masked_weights(self.model, masks):
-            ppl = self.forward_loss()
+            ppl = self.forward_loss(budget)
         t_end = time.perf_counter()
-        self.known_masks[key] = ppl
+        self.known_masks[mask_cache_key(key, budget)] = ppl
         # Masks are applied layer by layer inside the forward pass (masked_weights), so their cost
         # is part of "forward"; compare it with the dense forward to see it.
         timings = {"score_mask": t_mask - start, "forward": t_end - t_mask}
-        return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings)
+        return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings, budget=budget)
 
-    def _evaluate_sequential(self, tree: Tree, start: float) -> FitnessResult:
+    def _evaluate_sequential(self, tree: Tree, start: float, budget: int | None) -> FitnessResult:
         dense = {n: l.weight.data.clone() for n, l in self.linears.items()}
         try:
             prune_model(self.model, "tree", self.settings.sparsity, self.pattern, windows=self.calib_windows,
                         tree=tree, gradients=self.gradients)
-            ppl = self.forward_loss()
+            ppl = self.forward_loss(budget)
         finally:
             for n, l in self.linears.items():
                 l.weight.data.copy_(dense[n])
-        return FitnessResult(ppl, seconds=time.perf_counter() - start)
+        return FitnessResult(ppl, seconds=time.perf_counter() - start, budget=budget)
 
 
 class InProcessEvaluator(Evaluator):
@@ -180,15 +192,16 @@ class InProcessEvaluator(Evaluator):
 
     def __init__(self, settings: FitnessSettings, run_dir: str | Path, fitness: ModelFitness | None = None):
         self.fitness = fitness or ModelFitness(settings, run_dir)
+        self.full_budget = settings.windows
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
         self.fitness.known_masks.update(mask_fitness)
 
-    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]:
+    def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
         out = []
         for tree in trees:
             try:
-                out.append(self.fitness.evaluate(tree))
+                out.append(self.fitness.evaluate(tree, budget))
             except UserError:
                 raise
             except Exception as e:  # a tree must never stop the search

@@ -39,7 +39,7 @@ import torch
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from prunerzero.errors import UserError
-from prunerzero.fitness.base import Evaluator, FitnessResult
+from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
 from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics, statistics_paths
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.models import load_model
@@ -125,10 +125,10 @@ class FitnessWorker:
         """None when the worker can evaluate, else why it cannot."""
         return self.error
 
-    def evaluate(self, text: str) -> FitnessResult:
+    def evaluate(self, text: str, budget: int | None = None) -> FitnessResult:
         start = time.perf_counter()
         try:
-            return self.fitness.evaluate(Tree.parse(text))
+            return self.fitness.evaluate(Tree.parse(text), budget)
         except UserError:
             raise
         except Exception as e:  # a tree must never stop the search
@@ -169,6 +169,7 @@ class RayEvaluator(Evaluator):
 
     def __init__(self, settings: FitnessSettings, run_dir: str | Path, ray_settings: RaySettings | None = None):
         self.settings = settings
+        self.full_budget = settings.windows
         self.run_dir = Path(run_dir)
         self.ray_settings = ray_settings or RaySettings()
         self._slots: list[_Slot] = []
@@ -302,7 +303,7 @@ class RayEvaluator(Evaluator):
         for slot in self._slots:  # actor calls run in order, so this lands before later trees
             slot.handle.remember.remote(dict(mask_fitness))
 
-    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]:
+    def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
         if self._closed:
             raise UserError("this Ray evaluator is closed")
         texts = [str(t) for t in trees]
@@ -314,7 +315,7 @@ class RayEvaluator(Evaluator):
         deaths: dict[int, int] = {}
         try:
             while queue or self._running:
-                self._dispatch(queue, texts)
+                self._dispatch(queue, texts, budget)
                 self._step(queue, results, deaths)
         except BaseException:  # KeyboardInterrupt included: leave no worker running, re-raise
             self.close()
@@ -324,9 +325,9 @@ class RayEvaluator(Evaluator):
             r = results[first[text]]
             if first[text] != i:  # a repeated formula: the same masks, as the in-process cache would say
                 r = FitnessResult(r.fitness, reason=r.reason, mask_key=r.mask_key,
-                                  cached="mask" if r.mask_key else None)
+                                  cached="mask" if r.mask_key else None, budget=r.budget)
             out.append(r)
-        self._share({r.mask_key: r.fitness for r in results.values()
+        self._share({mask_cache_key(r.mask_key, r.budget): r.fitness for r in results.values()
                      if r.mask_key and r.reason is None and not r.cached})
         return out
 
@@ -345,14 +346,14 @@ class RayEvaluator(Evaluator):
         self._owns_ray = False
 
     # ------------------------------------------------------------------ scheduling
-    def _dispatch(self, queue: deque, texts: list[str]) -> None:
+    def _dispatch(self, queue: deque, texts: list[str], budget: int | None) -> None:
         now = time.monotonic()
         for slot in self._slots:
             if not queue:
                 return
             if slot.ready_ref is None and slot.job is None:
                 index = queue.popleft()
-                ref = slot.handle.evaluate.remote(texts[index])
+                ref = slot.handle.evaluate.remote(texts[index], budget)
                 slot.job = ref
                 self._running[ref] = _Job(slot, index, now)
 

@@ -18,6 +18,8 @@ from prunerzero.fitness.model_fitness import mask_key
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import Pattern, prune_mask
 
+UNIT_TOKENS = 32  # the fitness unit of this evaluator: a block of input rows (a model's is a window)
+
 
 class ReconstructionEvaluator(Evaluator):
     def __init__(self, rows: int = 32, cols: int = 64, tokens: int = 256, sparsity: float = 0.5,
@@ -33,13 +35,19 @@ class ReconstructionEvaluator(Evaluator):
         self.target = target
         self.sparsity = sparsity
         self.pattern = Pattern.parse(pattern)
+        self.full_budget = tokens // UNIT_TOKENS  # a budget counts blocks of UNIT_TOKENS input rows
         self.calls = 0  # number of trees actually evaluated (tests count cache hits with it)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"evaluator": "reconstruction", "shape": list(self.weight.shape), "sparsity": self.sparsity,
                 "pattern": str(self.pattern)}
 
-    def evaluate(self, trees: Sequence[Tree]) -> list[FitnessResult]:
+    def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
+        if budget is not None and not 0 < budget <= self.full_budget:
+            raise ValueError(f"budget {budget} is outside 1..{self.full_budget}")
+        rows = len(self.inputs) if budget in (None, self.full_budget) else budget * UNIT_TOKENS
+        budget = None if budget == self.full_budget else budget
+        inputs, target = self.inputs[:rows], self.target[:rows]
         out = []
         for tree in trees:
             self.calls += 1
@@ -49,6 +57,6 @@ class ReconstructionEvaluator(Evaluator):
                 continue
             mask = prune_mask(scores, self.sparsity, self.pattern)
             pruned = self.weight.masked_fill(mask, 0.0)
-            err = ((self.inputs @ pruned.t() - self.target) ** 2).sum() / (self.target**2).sum()
-            out.append(FitnessResult(float(err), mask_key=mask_key({"w": mask})))
+            err = ((inputs @ pruned.t() - target) ** 2).sum() / (target**2).sum()
+            out.append(FitnessResult(float(err), mask_key=mask_key({"w": mask}), budget=budget))
         return out

@@ -7,9 +7,12 @@ Semantics follow the reference Pruner-Zero code, which is what the published tre
 ``log(x) = log(|x| + 0.001)``, ``sqrt(x) = sqrt(|x|)``, ``exp`` clamps its input at 100, ``mms`` and
 ``zsn`` are tensor-wide, and ``div(x, y) = x / ||y||`` (the Frobenius norm of the whole tensor y).
 
-Protection: every operator's output goes through :func:`finite`, which maps NaN to 0 and +-Inf to
-the largest finite float of the dtype. On top of that, each operator documents its own guard in
-``protection`` (for instance ``mms`` of a constant tensor is 0 instead of 0/0).
+Protection: the output of every operator that can overflow goes through :func:`finite`, which maps
+NaN to 0 and +-Inf to the largest finite float of the dtype; the others (``bounded=True``) cannot
+leave the finite range on finite input, which :func:`register` checks on extreme probes. Each
+operator also documents its own guard in ``protection`` (for instance ``mms`` of a constant tensor is
+0 instead of 0/0). Operators work on fresh tensors in place where they can: a fitness evaluation
+runs every tree over the whole model, and each extra pass over it costs time.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def _mms(x: torch.Tensor) -> torch.Tensor:
     span = hi - lo
     if not torch.isfinite(span) or span <= 0:
         return torch.zeros_like(x)
-    return (x - lo) / span
+    return (x - lo).div_(span)
 
 
 def _zsn(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,7 @@ def _zsn(x: torch.Tensor) -> torch.Tensor:
     std = x.std()
     if not torch.isfinite(std) or std <= 0:
         return torch.zeros_like(x)
-    return (x - x.mean()) / std
+    return (x - x.mean()).div_(std)
 
 
 def _div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,11 +94,18 @@ class Operator:
     sympy_fn: Callable[..., sympy.Expr]
     protection: str
     elementwise: bool = True
+    bounded: bool = False  # finite input gives finite output, so finite() is not needed
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if len(args) != self.arity:
             raise TypeError(f"operator {self.name} takes {self.arity} argument(s), got {len(args)}")
-        return finite(self.torch_fn(*args))
+        out = self.torch_fn(*args)
+        if self.bounded:
+            return out
+        if any(out.data_ptr() == a.data_ptr() for a in args):  # a view of an input: do not write it
+            return finite(out)
+        big = torch.finfo(out.dtype).max
+        return out.nan_to_num_(nan=0.0, posinf=big, neginf=-big)
 
 
 OPERATORS: dict[str, Operator] = {}
@@ -132,30 +142,30 @@ register(Operator(
     "x / ||y|| (tensor-wide norm, as in the reference); ||y|| = 0 or non-finite returns x",
     elementwise=False,
 ))
-register(Operator("abs", 1, torch.abs, sympy.Abs, "none needed"))
-register(Operator("neg", 1, torch.neg, lambda a: -a, "none needed"))
+register(Operator("abs", 1, torch.abs, sympy.Abs, "none needed", bounded=True))
+register(Operator("neg", 1, torch.neg, lambda a: -a, "none needed", bounded=True))
 register(Operator("sqr", 1, torch.square, lambda a: a**2, "overflow to Inf clamped by finite()"))
 register(Operator(
-    "sqrt", 1, lambda x: torch.sqrt(torch.abs(x)), lambda a: sympy.sqrt(sympy.Abs(a)),
-    "sqrt(|x|): defined for negative inputs",
+    "sqrt", 1, lambda x: torch.abs(x).sqrt_(), lambda a: sympy.sqrt(sympy.Abs(a)),
+    "sqrt(|x|): defined for negative inputs", bounded=True,
 ))
 register(Operator(
-    "exp", 1, lambda x: torch.exp(x.clamp(max=EXP_CLAMP)), sympy.exp,
+    "exp", 1, lambda x: x.clamp(max=EXP_CLAMP).exp_(), sympy.exp,
     f"input clamped at {EXP_CLAMP:g} (as in the reference); fp32 overflow clamped by finite()",
 ))
 # SymPy drops the 0.001 of the protected log so that exp(log(x)) and log(exp(x)) cancel (the
 # paper's OOS). Every simplification is checked numerically on masks before it is accepted.
 register(Operator(
-    "log", 1, lambda x: torch.log(torch.abs(x) + LOG_EPS), lambda a: sympy.log(sympy.Abs(a)),
-    f"log(|x| + {LOG_EPS:g}): defined for zero and negative inputs",
+    "log", 1, lambda x: torch.abs(x).add_(LOG_EPS).log_(), lambda a: sympy.log(sympy.Abs(a)),
+    f"log(|x| + {LOG_EPS:g}): defined for zero and negative inputs", bounded=True,
 ))
-register(Operator("tanh", 1, torch.tanh, sympy.tanh, "bounded, none needed"))
+register(Operator("tanh", 1, torch.tanh, sympy.tanh, "bounded, none needed", bounded=True))
 register(Operator(
-    "sigmoid", 1, torch.sigmoid, lambda a: 1 / (1 + sympy.exp(-a)), "bounded, none needed",
+    "sigmoid", 1, torch.sigmoid, lambda a: 1 / (1 + sympy.exp(-a)), "bounded, none needed", bounded=True,
 ))
 register(Operator(
     "mms", 1, _mms, Mms, "min-max scale over the whole tensor; a constant tensor gives 0",
-    elementwise=False,
+    elementwise=False, bounded=True,
 ))
 register(Operator(
     "zsn", 1, _zsn, Zsn, "z-score over the whole tensor (unbiased std); zero std gives 0",

@@ -8,9 +8,13 @@ column block). N:M prunes the N lowest scores of each group of M consecutive inp
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from prunerzero.errors import UserError
@@ -59,21 +63,35 @@ def check_sparsity(sparsity: float, pattern: Pattern) -> float:
     return sparsity
 
 
+def _kth_smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest score of each row (1-based), as a column."""
+    if scores.device.type == "cpu":
+        # numpy's introselect is about 3x faster than torch.kthvalue on CPU (measured on the
+        # layers of SmolLM2-135M: 0.29 s against 0.90 s), and this is the hot step of a fitness.
+        part = np.partition(scores.detach().numpy(), k - 1, axis=1)
+        return torch.from_numpy(np.ascontiguousarray(part[:, k - 1 : k]))
+    return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+
+
 def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k lowest scores of each row, ties broken towards the lower column index.
 
     Exactly the first k entries of a stable sort (the reference), found with a selection
-    (``kthvalue``) instead of a full sort, which is the costly step of a fitness evaluation."""
+    (introselect) instead of a full sort, which is the costly step of a fitness evaluation."""
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    kth = _kth_smallest_per_row(scores, k)
     at_most = scores <= kth
     surplus = at_most.sum(1, keepdim=True) - k
     if not bool(surplus.any()):
         return at_most
-    # Ties at the threshold: fall back to the reference's stable sort, which breaks them by index.
-    idx = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
-    return torch.zeros_like(at_most).scatter_(1, idx, True)
+    # Ties at the threshold: as the stable sort does, keep pruning the tied entries from the left
+    # until the row has k; only the rows with a surplus need the running count.
+    rows = surplus.squeeze(1).nonzero().squeeze(1)
+    tied = scores[rows] == kth[rows]
+    beyond = tied.cumsum(1) > (tied.sum(1, keepdim=True) - surplus[rows])
+    at_most[rows] &= ~(tied & beyond)
+    return at_most
 
 
 def prune_mask(
@@ -106,3 +124,43 @@ def prune_mask(
         thresh = torch.sort(scores.flatten()).values[int(scores.numel() * sparsity)]
         return scores <= thresh
     raise ValueError(f"unknown comparison group {group!r}")
+
+
+class PackedMasks(Mapping):
+    """A model's masks kept as bits, 8x smaller than bool tensors; a layer's bool mask is unpacked
+    when it is looked up (by the masked forward, one layer at a time)."""
+
+    def __init__(self) -> None:
+        self._bits: dict[str, np.ndarray] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        self._devices: dict[str, torch.device] = {}
+
+    @classmethod
+    def of(cls, masks: Mapping[str, torch.Tensor]) -> "PackedMasks":
+        packed = cls()
+        for name, mask in masks.items():
+            packed.add(name, mask)
+        return packed
+
+    def add(self, name: str, mask: torch.Tensor) -> None:
+        self._bits[name] = np.packbits(mask.cpu().numpy())
+        self._shapes[name], self._devices[name] = mask.shape, mask.device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self._shapes[name]
+        bits = np.unpackbits(self._bits[name], count=math.prod(shape))
+        return torch.from_numpy(bits).view(torch.bool).reshape(shape).to(self._devices[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bits)
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def key(self) -> str:
+        """Hash of the whole mask set: equal keys mean equal pruned models, so equal fitness."""
+        h = hashlib.blake2b(digest_size=16)
+        for name in sorted(self._bits):
+            h.update(name.encode())
+            h.update(self._bits[name].tobytes())
+        return h.hexdigest()

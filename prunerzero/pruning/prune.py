@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunerzero.errors import UserError
+from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
 from prunerzero.pruning.masks import Pattern, prune_mask
@@ -77,7 +78,7 @@ def measure_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
 def layer_stats(weight: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor | None) -> dict[str, torch.Tensor]:
     stats = {"W": weight.detach().abs().float()}
     if x is not None:
-        stats["X"] = x.reshape(1, -1).float()
+        stats["X"] = finite(x.reshape(1, -1).float())  # tiny; G is made finite where it is computed
     if g is not None:
         stats["G"] = g.float()
     return stats
@@ -113,13 +114,25 @@ def masked_weights(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Itera
     """
     linears = prunable_linears(model)
     dense: dict[str, torch.Tensor] = {}
+    # One pruned-weight buffer and one keep-mask buffer per layer shape, reused by every layer of
+    # that shape: a fresh tensor per layer costs page faults, and a multiply by the keep mask is
+    # several times faster than masked_fill on CPU.
+    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
-    for name, mask in masks.items():
+    for name in masks:
         lin = linears[name]
 
-        def before(mod: nn.Module, _args: Any, name: str = name, mask: torch.Tensor = mask) -> None:
-            dense[name] = mod.weight.data
-            mod.weight.data = mod.weight.data.masked_fill(mask, 0)
+        def before(mod: nn.Module, _args: Any, name: str = name) -> None:
+            mask = masks[name]  # looked up here: packed masks unpack one layer at a time
+            weight = mod.weight.data
+            key = (weight.shape, weight.dtype, weight.device)
+            if key not in buffers:
+                buffers[key] = (torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool))
+            pruned, keep = buffers[key]
+            torch.logical_not(mask, out=keep)
+            torch.mul(weight, keep, out=pruned)
+            dense[name] = weight
+            mod.weight.data = pruned
 
         def after(mod: nn.Module, _args: Any, _out: Any, name: str = name) -> None:
             mod.weight.data = dense.pop(name)
@@ -258,10 +271,14 @@ def prune_model(
     return report
 
 
-def is_degenerate(scores: torch.Tensor) -> str | None:
-    """Why a score tensor cannot rank weights (non-finite or constant), or None if it can."""
-    if not torch.isfinite(scores).all():
+def unrankable(scores: torch.Tensor) -> str | None:
+    """Why a 2-D score tensor cannot rank weights (NaN/Inf, or constant in every row), else None.
+
+    Row maxima and minima answer both questions in one cheap pass (amax/amin propagate NaN and
+    show an Inf), where a full isfinite() would cost five times as much on CPU."""
+    high, low = scores.amax(dim=1), scores.amin(dim=1)
+    if not bool(torch.isfinite(high).all() and torch.isfinite(low).all()):
         return "scores contain NaN or Inf"
-    if scores.numel() > 1 and bool((scores == scores.flatten()[0]).all()):
-        return "scores are constant"
+    if bool((high == low).all()):
+        return "scores are constant in every row"
     return None

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunerzero.errors import UserError
+from prunerzero.primitives.registry import finite
 from prunerzero.pruning.layerwise import iterate_blocks
 from prunerzero.pruning.models import model_device, prunable_linears
 
@@ -55,7 +56,8 @@ def compute_gradients(model: nn.Module, windows: torch.Tensor, scale: float = GR
         for p, flag in saved.items():
             p.requires_grad_(flag)
     log.info("gradients of %d windows in %.1f s", len(windows), time.perf_counter() - start)
-    return {n: s.sqrt_() for n, s in sums.items()}
+    # Terminals must be finite (bounded operators rely on it); a sum of squares can overflow.
+    return {n: finite(s.sqrt_()) for n, s in sums.items()}
 
 
 def collect_activation_norms(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,7 +119,7 @@ def load_gradients(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor
                 f"weight is {tuple(lin.weight.shape)}; the file was computed for another model"
             )
     device = model_device(model)
-    return {n: renamed[n].to(device=device, dtype=torch.float32) for n in linears}
+    return {n: finite(renamed[n].to(device=device, dtype=torch.float32)) for n in linears}
 
 
 def cached_gradients(

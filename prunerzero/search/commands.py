@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
-from prunerzero.fitness.base import Evaluator
+from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.primitives.deap_set import space_fingerprint
 from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.config import SearchConfig, config_from_dict, load_config
@@ -42,12 +42,25 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
         fit: dict[str, Any] = {"evaluator": "reconstruction", "sparsity": cfg.fitness.sparsity, "pattern": cfg.fitness.pattern}
     else:
         fit = fitness_settings(cfg, resolve_device=False).fingerprint()
+        if cfg.fitness.multi_fidelity is not None:  # estimated fitnesses depend on it
+            mf = cfg.fitness.multi_fidelity
+            fit["multi_fidelity"] = {"low_windows": mf.low_windows, "promote": mf.promote}
     return {"space": {"operators": sorted(s.operators), "terminals": sorted(s.terminals),
                       "semantics": space_fingerprint(s.operators, s.terminals)},
             "fitness": fit, "algorithm": s.algorithm, "seed": cfg.seed}
 
 
 def make_evaluator(cfg: SearchConfig) -> Evaluator:
+    evaluator = _model_evaluator(cfg)
+    mf = cfg.fitness.multi_fidelity
+    if mf is None:
+        return evaluator
+    from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
+
+    return MultiFidelityEvaluator(evaluator, mf.low_windows, mf.promote)
+
+
+def _model_evaluator(cfg: SearchConfig) -> Evaluator:
     e = cfg.evaluator
     if e.type == "reconstruction":
         from prunerzero.fitness.reconstruction import ReconstructionEvaluator
@@ -62,6 +75,20 @@ def make_evaluator(cfg: SearchConfig) -> Evaluator:
     from prunerzero.fitness.model_fitness import InProcessEvaluator
 
     return InProcessEvaluator(fitness_settings(cfg), cfg.run_dir)
+
+
+def known_masks(state: SearchState, cfg: SearchConfig) -> dict[str, float]:
+    """The mask-level cache a resumed run starts with: every fitness measured so far, per budget."""
+    known = {}
+    low = cfg.fitness.multi_fidelity.low_windows if cfg.fitness.multi_fidelity else None
+    for r in state.cache.values():
+        if "mask_key" not in r or "reason" in r:
+            continue
+        if not r.get("estimated"):
+            known[mask_cache_key(r["mask_key"], None)] = r["fitness"]
+        if low is not None and "low_fitness" in r:
+            known[mask_cache_key(r["mask_key"], low)] = r["low_fitness"]
+    return known
 
 
 def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, generations: int | None = None,
@@ -94,7 +121,7 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
 
     try:
         if state is not None:
-            evaluator.remember({r["mask_key"]: r["fitness"] for r in state.cache.values() if "mask_key" in r})
+            evaluator.remember(known_masks(state, cfg))
         search = GeneticSearch(cfg.search, evaluator, cfg.seed, state, on_generation)
         start = time.perf_counter()
         state = search.run(total)
@@ -105,6 +132,13 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
         log.info("candidates generated %d, simplified %d, regenerated %d, formula-cache hits %d, mask-cache hits %d, "
                  "evaluated %d, degenerate %d", c["generated"], c["simplified"], c["regenerated"],
                  c["formula_cache_hits"], c["mask_cache_hits"], c["evaluated"], c["degenerate"])
+        if cfg.fitness.multi_fidelity is not None:
+            mf = cfg.fitness.multi_fidelity
+            ranked = c["promoted"] + c["stopped_low"]
+            spent, full = ranked * mf.low_windows + c["promoted"] * cfg.fitness.windows, ranked * cfg.fitness.windows
+            log.info("multi-fidelity: %d promoted to the full budget, %d stopped on the low budget; %d of %d "
+                     "fitness windows spent (%.1f%% saved against full-budget evaluation)", c["promoted"],
+                     c["stopped_low"], spent, full, 100 * (1 - spent / max(1, full)))
     finally:
         if own:
             evaluator.close()

@@ -45,6 +45,14 @@ class FitnessSection:
     seqlen: int = 1024
     windows: int = 2
     stats_mode: str = "once"
+    # None: every candidate on the full budget. Else one rung of successive halving per batch.
+    multi_fidelity: typing.Optional["MultiFidelitySection"] = None
+
+
+@dataclass
+class MultiFidelitySection:
+    low_windows: int = 1  # budget of the first rung, a prefix of fitness.windows
+    promote: float = 0.25  # fraction of each batch measured again on the full budget
 
 
 @dataclass
@@ -131,6 +139,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
             raise UserError(f"unknown key {place!r} in the config{hint}")
         kind = hints[key]
+        if typing.get_origin(kind) is typing.Union and value is not None:  # Optional[section]
+            inner = next(a for a in typing.get_args(kind) if a is not type(None))
+            kind = inner if dataclasses.is_dataclass(inner) else kind
         if dataclasses.is_dataclass(kind):
             values[key] = _build(kind, value, place)
         else:
@@ -162,6 +173,15 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         _positive(getattr(c, name), f"calibration.{name}")
     for name in ("seqlen", "windows"):
         _positive(getattr(f, name), f"fitness.{name}")
+    mf = f.multi_fidelity
+    if mf is not None:
+        if e.type == "reconstruction":
+            raise UserError("fitness.multi_fidelity needs a model evaluator (inprocess or ray), not reconstruction")
+        if not 0 < mf.low_windows < f.windows:
+            raise UserError(f"fitness.multi_fidelity.low_windows must be within [1, fitness.windows - 1 = "
+                            f"{f.windows - 1}], got {mf.low_windows}; raise fitness.windows or drop multi_fidelity")
+        if not 0 < mf.promote <= 1:
+            raise UserError(f"fitness.multi_fidelity.promote must be a fraction in (0, 1], got {mf.promote}")
     for name in ("workers", "threads_per_worker", "timeout_s"):
         _positive(getattr(e, name), f"evaluator.{name}")
     if e.cpus_per_worker < 0 or e.gpus_per_worker < 0:

@@ -51,7 +51,8 @@ class SearchState:
     cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # canonical key -> record
     log: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("generated", "simplified", "regenerated", "formula_cache_hits", "mask_cache_hits", "evaluated", "degenerate"), 0))
+        ("generated", "simplified", "regenerated", "formula_cache_hits", "mask_cache_hits", "evaluated", "degenerate",
+         "promoted", "stopped_low"), 0))
 
     def to_json(self) -> dict[str, Any]:
         return {"generation": self.generation, "population": self.population, "cache": self.cache,
@@ -72,7 +73,8 @@ class SearchState:
 
     def hall_of_fame(self, k: int) -> list[dict[str, Any]]:
         """The best k distinct metrics ever evaluated (ties: smaller tree, then formula)."""
-        good = [r for r in self.cache.values() if r["fitness"] < WORST_FITNESS]
+        # estimated (multi-fidelity, not promoted) fitnesses were never measured on the full budget
+        good = [r for r in self.cache.values() if r["fitness"] < WORST_FITNESS and not r.get("estimated")]
         good.sort(key=lambda r: (r["fitness"], len(Tree.parse(r["tree"])), r["tree"]))
         out, masks = [], set()
         for r in good:  # metrics that prune alike are one metric: keep the smallest formula
@@ -142,6 +144,11 @@ class GeneticSearch:
                     self.state.counters["degenerate"] += 1
                 if res.mask_key:
                     record["mask_key"] = res.mask_key
+                if res.low_fitness is not None:
+                    record["low_fitness"] = float(res.low_fitness)
+                    self.state.counters["stopped_low" if res.estimated else "promoted"] += 1
+                if res.estimated:
+                    record["estimated"] = True
                 if res.cached == "mask":
                     record["mask_cache_hit"] = True
                     self.state.counters["mask_cache_hits"] += 1
