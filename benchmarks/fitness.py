@@ -1,7 +1,7 @@
 """Cost of one fitness evaluation against its floor (the dense forward pass on the fitness tokens).
 
-For a fixed set of trees (known metrics and random ones) on the model and fitness budget of a
-config (default configs/smollm2-135m.yaml), prints per candidate the time spent in score+mask and
+For a fixed set of trees (known metrics and random ones, all with distinct masks) on the model and
+fitness budget of a config (default configs/smollm2-135m.yaml), prints per candidate the time spent in score+mask and
 in the masked forward pass, the floor measured in the same run, and the overhead ratio, on the full
 budget and, when the config sets ``fitness.multi_fidelity``, on the low rung too, with the Spearman
 rank correlation of fitness between the two budgets. With ``--modes`` it also prices the reference
@@ -10,7 +10,7 @@ rank correlation of fitness between the modes. It prints the peak resident memor
 target (2 x the fp32 model + the statistics).
 
     python benchmarks/fitness.py --repeats 3
-    python benchmarks/fitness.py --trees 20 --repeats 1 --modes   # the 20-tree studies (slow)
+    python benchmarks/fitness.py --trees 20 --repeats 1 --modes --out runs/fitness-study.json  # the 20-tree studies
 
 The last line reads ``overhead: R`` (median candidate time / median floor, full budget).
 """
@@ -18,12 +18,14 @@ The last line reads ``overhead: R`` (median candidate time / median floor, full 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import resource
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from deap import gp
@@ -40,18 +42,27 @@ from prunerzero.search.simplify import simplify
 log = logging.getLogger("benchmark")
 
 
-def tree_set(n: int, seed: int = 0) -> list[Tree]:
-    trees = [Tree.parse(f) for f in KNOWN_METRICS.values()]
+def tree_set(n: int, fitness: ModelFitness, seed: int = 0) -> list[Tree]:
+    """The known metrics, then random trees that each prune differently (distinct masks, so no two
+    trees are the same point of a rank study). Half the random trees are ``mul(abs(W), t)`` for a
+    random ``t``: the region a search spends its time in, where fitnesses are close and ranking
+    them right matters most."""
     pset = primitive_set(list(DEFAULT_OPERATORS), ["W", "G", "X"])
     state = random.getstate()
     random.seed(seed)
-    keys = {simplify(t).key for t in trees}
+    trees, masks = [], set()
+    candidates = (Tree.parse(f) for f in KNOWN_METRICS.values())
     while len(trees) < n:
-        t = to_tree(gp.genHalfAndHalf(pset, 1, 3))
-        s = simplify(t)
-        if s.key not in keys and not s.constant:
-            keys.add(s.key)
-            trees.append(s.tree)
+        tree = next(candidates, None)
+        if tree is None:
+            t = to_tree(gp.genHalfAndHalf(pset, 1, 3))
+            tree = Tree.parse(f"mul(abs(W), {t})") if random.random() < 0.5 else t
+        s = simplify(tree)
+        m = None if s.constant else fitness.masks(s.tree)
+        if m is None or isinstance(m, str) or m.key() in masks:
+            continue
+        masks.add(m.key())
+        trees.append(s.tree)
     random.setstate(state)
     return trees
 
@@ -69,6 +80,7 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", action="store_true", help="also the sequential statistics mode and the Spearman study")
+    ap.add_argument("--out", default=None, help="write per-tree fitnesses here (JSON) and a scatter plot beside it")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -76,7 +88,7 @@ def main() -> None:
     settings = fitness_settings(cfg)
     low = cfg.fitness.multi_fidelity.low_windows if cfg.fitness.multi_fidelity else None
     fitness = ModelFitness(settings, args.run_dir)
-    trees = tree_set(args.trees)
+    trees = tree_set(args.trees, fitness)
     print(f"model {settings.model}, fitness budget {settings.windows} x {settings.seqlen} tokens"
           f"{f' (low rung {low} x {settings.seqlen})' if low else ''}, sparsity {settings.sparsity} "
           f"{settings.pattern}, {len(trees)} trees, {args.repeats} repeats, {torch.get_num_threads()} threads")
@@ -142,7 +154,45 @@ def main() -> None:
               f"over the {len(good)} with once-mode ppl < 1000: {rho_good:.3f}")
         for n in names:
             print(f"{fits[None][n].fitness:>14.3f} {seq_fitness[n]:>14.3f}  {n}")
+    if args.out:
+        study = {"config": args.config, "trees": [
+            {"tree": n, "full": fits[None][n].fitness, "rankable": fits[None][n].reason is None,
+             **({"low": fits[low][n].fitness} if low else {}),
+             **({"sequential": seq_fitness[n]} if args.modes else {})} for n in names]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(study, indent=1))
+        plot_study(study, Path(args.out).with_suffix(".png"))
     print(f"overhead: {statistics.median(cands[None]) / statistics.median(floors[None]):.2f}")
+
+
+def plot_study(study: dict, path: Path) -> None:
+    """Full-budget fitness against the low rung and against the sequential mode, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in study["trees"] if r["rankable"]]
+    panels = [(k, label) for k, label in (("low", "low rung (first windows)"), ("sequential", "sequential statistics"))
+              if rows and k in rows[0]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        x, y = [r["full"] for r in rows], [r[key] for r in rows]
+        rho = spearman(x, y)
+        ax.scatter(x, y, s=18)
+        lo, hi = min(x + y), max(x + y)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("fitness: full budget, statistics once (ppl)")
+        ax.set_ylabel(f"fitness: {label} (ppl)")
+        ax.set_title(f"{len(rows)} trees, Spearman {rho:.3f}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _source(settings):

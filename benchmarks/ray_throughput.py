@@ -2,8 +2,8 @@
 
 Each worker has 1 CPU and 1 thread. The batch is ~8 known metrics and simple variants that induce
 distinct masks, so the mask cache skips nothing. Printed: worker start time, batch time,
-candidates per minute, every worker's peak resident memory (measured inside the actor), the
-model's fp32 size and the statistics' size for comparison, and as the last line
+candidates per minute, every worker's memory (measured inside the actor: peak RSS, and after the
+batch RSS, PSS and private memory), the model's fp32 size and the statistics' size for comparison, and as the last line
 ``speedup_2_vs_1: R``.
 
 Also printed, the concurrency: the trees' own seconds summed, over the batch's wall time. It is
@@ -52,11 +52,11 @@ def run(settings: FitnessSettings, run_dir: str, workers: int, threads: int, bat
         t0 = time.perf_counter()
         results = ev.evaluate(batch)
         seconds = time.perf_counter() - t0
-        rss = ray.get([a.peak_rss_mb.remote() for a in ev.actors])
+        memory = ray.get([a.memory_mb.remote() for a in ev.actors])
     finally:
         ev.close()
     return {"workers": workers, "startup_s": startup, "batch_s": seconds, "per_min": 60 * len(batch) / seconds,
-            "rss_mb": rss, "results": results}
+            "memory": memory, "results": results}
 
 
 def main() -> None:
@@ -89,7 +89,8 @@ def main() -> None:
     cached = statistics_ready(settings, args.run_dir)
     runs = [run(settings, args.run_dir, 1, args.threads, batch)]
     files = statistics_paths(settings, args.run_dir)
-    print(f"statistics X+G: {sum(f.stat().st_size for f in files) / 2**20:.0f} MiB "
+    stats_mb = sum(f.stat().st_size for f in files) / 2**20
+    print(f"statistics X+G: {stats_mb:.0f} MiB "
           f"({', '.join(f.name for f in files)}), "
           + ("found in the run folder" if cached else "computed by the driver during the first start"))
     runs.append(run(settings, args.run_dir, 2, args.threads, batch))
@@ -103,11 +104,16 @@ def main() -> None:
     print(f"distinct masks: {len({r.mask_key for r in first})} of {len(first)}; "
           f"fitnesses equal with 1 and 2 workers: {same}")
     for r in runs:
-        rss = ", ".join(f"{x:.0f}" for x in r["rss_mb"])
+        def each(key: str) -> str:
+            return ", ".join(f"{m[key]:.0f}" if key in m else "?" for m in r["memory"])
+
         # Tree-seconds over wall seconds: how many trees were in evaluation at once on average.
         overlap = sum(x.seconds for x in r["results"]) / r["batch_s"]
         print(f"workers={r['workers']}: start {r['startup_s']:.1f} s, batch {r['batch_s']:.1f} s, "
-              f"{r['per_min']:.2f} candidates/min, concurrency {overlap:.2f}, peak RSS per worker [{rss}] MiB")
+              f"{r['per_min']:.2f} candidates/min, concurrency {overlap:.2f}")
+        print(f"  memory per worker (MiB): peak RSS [{each('peak_rss')}]; after the batch: RSS [{each('rss')}], "
+              f"PSS [{each('pss')}], private [{each('private')}]")
+    print(f"target per worker: 2 x fp32 model + statistics = {2 * params * 4 / 2**20 + stats_mb:.0f} MiB")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"speedup_2_vs_1: {runs[1]['per_min'] / runs[0]['per_min']:.2f}")
 

@@ -46,6 +46,21 @@ def test_evaluation_restores_weights_bitwise_and_matches_real_pruning(fitness):
         assert all((lin.weight == 0).sum() == 0 for lin in fitness.linears.values())  # swapped only during forward
 
 
+def test_sequential_mode_prunes_like_the_reference_and_restores_bitwise(tmp_path):
+    model = tiny_llama()
+    settings = FitnessSettings(model="tiny", calibration=Calibration(nsamples=2, seqlen=32), seqlen=32, windows=2,
+                               stats_mode="sequential")
+    seq = ModelFitness(settings, tmp_path, model, CharTokenizer(), SimpleNamespace(fingerprint="tiny-test"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tree = Tree.parse("mul(abs(W), sqrt(X))")
+    result = seq.evaluate(tree)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the reference procedure: X re-collected block by block on the partly pruned model
+    prune_model(model, "tree", 0.5, Pattern(), windows=seq.calib_windows, tree=tree)
+    ppl, _ = perplexity(model, seq.tokens, 32, 2, progress=False)
+    assert ppl == pytest.approx(result.fitness, rel=1e-5)
+
+
 def test_mask_cache_catches_monotone_transforms(fitness):
     a = fitness.evaluate(Tree.parse("abs(W)"))
     b = fitness.evaluate(Tree.parse("sqrt(abs(W))"))

@@ -291,3 +291,18 @@ def test_batched_windows_give_the_per_window_losses():
     one = window_losses(model, tokens, 40, progress=False)
     batched = window_losses(model, tokens, 40, progress=False, windows_per_forward=3)
     assert len(one) == 5 and batched == pytest.approx(one, rel=1e-5)
+
+
+def test_mapped_statistics_equal_the_file_and_never_write_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from prunerzero.pruning.stats import load_tensors_mapped
+
+    tensors = {"a": torch.randn(5, 7), "b": torch.randn(3).double(), "c": torch.randn(2, 2).half()}
+    path = tmp_path / "s.safetensors"
+    save_tensors_atomic(tensors, path)
+    mapped = load_tensors_mapped(path)
+    assert set(mapped) == set(tensors) and all(torch.equal(mapped[k], tensors[k]) for k in tensors)
+    assert all(mapped[k].dtype == tensors[k].dtype for k in tensors)
+    mapped["a"].zero_()  # copy-on-write: the file keeps its values
+    assert torch.equal(load_file(str(path))["a"], tensors["a"])

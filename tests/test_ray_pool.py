@@ -113,6 +113,14 @@ def ids(handles) -> set:
 
 
 # ---------------------------------------------------------------------------- fast, no Ray start
+def test_fitness_tokens_from_a_text_prefix_equal_those_of_the_whole_text(smollm2_tokenizer):
+    from prunerzero.pruning.data import joined_tokens
+
+    whole = joined_tokens(smollm2_tokenizer, "wikitext2", "validation", "\n\n")
+    for need in (1024, 4096):
+        assert torch.equal(joined_tokens(smollm2_tokenizer, "wikitext2", "validation", "\n\n", None, need), whole[:need])
+
+
 def test_settings_are_checked():
     with pytest.raises(UserError, match="workers"):
         RaySettings(workers=0)

@@ -141,7 +141,8 @@ def test_multi_fidelity_promotes_the_best_and_never_ranks_the_rest_above_them(tm
     low = inner.evaluate(trees, 2)
     rankable = [i for i, r in enumerate(low) if r.reason is None]
     promoted = [i for i, r in enumerate(results) if r.low_fitness is not None and not r.estimated]
-    assert len(promoted) == -(-len(rankable) // 4)  # ceil(0.25 * rankable)
+    distinct = {low[i].mask_key for i in rankable}
+    assert len({low[i].mask_key for i in promoted}) == -(-len(distinct) // 4)  # ceil(0.25 * distinct mask sets)
     worst_promoted_low = max(low[i].fitness for i in promoted)
     for i in rankable:
         assert results[i].low_fitness == low[i].fitness  # the low rung is a real measurement
@@ -260,3 +261,34 @@ def test_two_generations_on_the_real_model(tmp_path, smollm2):
     best = state.hall_of_fame(1)[0]
     assert 1 < best["fitness"] < 1e4
     assert list(tmp_path.glob("real/activations-*.safetensors")) and list(tmp_path.glob("real/gradients-*.safetensors"))
+
+
+def test_resume_seeds_the_mask_cache_with_measured_fitnesses_only(tmp_path):
+    from prunerzero.search.commands import known_masks
+    from prunerzero.search.engine import SearchState
+
+    cfg = config_from_dict({"fitness": {"windows": 4, "multi_fidelity": {"low_windows": 1, "promote": 0.5}}})
+    state = SearchState()
+    state.cache = {
+        "a": {"tree": "abs(W)", "fitness": 30.0, "low_fitness": 25.0, "mask_key": "ka"},  # promoted
+        "b": {"tree": "G", "fitness": 90.0, "low_fitness": 60.0, "estimated": True, "mask_key": "kb"},
+        "c": {"tree": "X", "fitness": WORST_FITNESS, "reason": "constant"},
+    }
+    assert known_masks(state, cfg) == {"ka": 30.0, "ka@1": 25.0, "kb@1": 60.0}
+
+
+def test_multi_fidelity_spends_no_promotion_on_masks_already_measured():
+    from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
+
+    inner = CountingEvaluator()
+    ev = MultiFidelityEvaluator(inner, low_budget=2, promote=0.5)
+    first = ev.evaluate(trees_of("mul(abs(W), X)", "abs(W)"))
+    assert first[0].estimated is None and first[0].low_fitness is not None  # promoted: 1 of 2 mask sets
+    # same masks as the promoted tree (a monotone transform), plus two new mask sets
+    again = ev.evaluate(trees_of("sqrt(mul(abs(W), X))", "G", "mul(G, X)"))
+    assert again[0].fitness == first[0].fitness and again[0].cached == "mask" and not again[0].estimated
+    assert sum(1 for r in again[1:] if not r.estimated) == 1  # ceil(0.5 * 2 new mask sets)
+
+
+def trees_of(*formulas):
+    return [Tree.parse(f) for f in formulas]

@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
@@ -31,8 +30,9 @@ from prunerzero.pruning.data import joined_tokens
 from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.pruning.models import load_model, prunable_linears, resolve_model
 from prunerzero.pruning.perplexity import window_losses
-from prunerzero.pruning.prune import layer_stats, masked_weights, prune_model, unrankable
-from prunerzero.pruning.stats import GRADIENT_SCALE, cache_key, collect_activation_norms, save_tensors_atomic
+from prunerzero.pruning.prune import Removed, layer_stats, masked_weights, prune_model, unrankable
+from prunerzero.pruning.stats import (GRADIENT_SCALE, cache_key, collect_activation_norms, load_tensors_mapped,
+                                      save_tensors_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
     if not path.is_file() or not grads_path.is_file():
         windows = settings.calibration.windows(tokenizer)
     if path.is_file():
-        acts = load_file(str(path))
+        acts = load_tensors_mapped(path)
     else:
         acts = collect_activation_norms(model, windows)
         save_tensors_atomic(acts, path, metadata={"model": settings.model})
@@ -117,8 +117,8 @@ class ModelFitness:
         dev = next(model.parameters()).device
         self.activations = {k: v.to(dev) for k, v in acts.items()}
         self.gradients = {k: v.to(dev) for k, v in grads.items()}
-        tokens = joined_tokens(tokenizer, settings.text, settings.split, "\n\n", settings.calibration.data_dir)
         need = settings.windows * settings.seqlen
+        tokens = joined_tokens(tokenizer, settings.text, settings.split, "\n\n", settings.calibration.data_dir, need)
         if tokens.numel() < need:
             raise UserError(f"fitness text {settings.text}:{settings.split} has {tokens.numel()} tokens, fewer than "
                             f"the budget of {settings.windows} x {settings.seqlen}")
@@ -176,14 +176,13 @@ class ModelFitness:
         return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings, budget=budget)
 
     def _evaluate_sequential(self, tree: Tree, start: float, budget: int | None) -> FitnessResult:
-        dense = {n: l.weight.data.clone() for n, l in self.linears.items()}
+        removed = Removed()  # the zeroed values only: never a second copy of the model
         try:
             prune_model(self.model, "tree", self.settings.sparsity, self.pattern, windows=self.calib_windows,
-                        tree=tree, gradients=self.gradients)
+                        tree=tree, gradients=self.gradients, removed=removed)
             ppl = self.forward_loss(budget)
         finally:
-            for n, l in self.linears.items():
-                l.weight.data.copy_(dense[n])
+            removed.restore(self.model)
         return FitnessResult(ppl, seconds=time.perf_counter() - start, budget=budget)
 
 

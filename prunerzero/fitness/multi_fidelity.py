@@ -1,8 +1,9 @@
 """Multi-fidelity fitness: every candidate on a small budget, only the promising on the full one.
 
 One rung of successive halving per batch. All new trees of a batch are measured on the first
-``low_budget`` fitness units (token windows); the best ``promote`` fraction of those that could be
-ranked are measured again on the full budget. The others keep an *estimated* fitness: their
+``low_budget`` fitness units (token windows). Trees whose masks were measured on the full budget
+before take that fitness; of the other distinct mask sets that could be ranked, the best
+``promote`` fraction are measured again on the full budget. The others keep an *estimated* fitness: their
 low-budget value times the largest full/low ratio seen among the promoted trees of the batch.
 That estimate keeps the order of the low rung among them and never ranks an unpromoted tree above
 a promoted one of the same batch, which is all that selection needs. Estimated fitnesses are
@@ -40,29 +41,42 @@ class MultiFidelityEvaluator(Evaluator):
             raise UserError(f"multi_fidelity.promote {promote} must be a fraction in (0, 1]")
         self.inner, self.low_budget, self.promote = inner, low_budget, promote
         self.full_budget = full
-        self.promoted = 0  # trees measured on both budgets
-        self.stopped_low = 0  # trees measured on the low budget only (full evaluations saved)
+        self.full_known: dict[str, float] = {}  # mask key -> fitness measured on the full budget
+        self.promoted = 0  # mask sets measured on both budgets
+        self.stopped_low = 0  # mask sets measured on the low budget only (full evaluations saved)
 
     def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
         if budget is not None:  # a caller that asks for one budget gets exactly that
             return self.inner.evaluate(trees, budget)
         low = self.inner.evaluate(trees, self.low_budget)
-        rankable = [i for i, r in enumerate(low) if r.reason is None]
-        rankable.sort(key=lambda i: low[i].fitness)
-        n_up = min(len(rankable), math.ceil(self.promote * len(rankable)))
-        up = rankable[:n_up]
-        full = dict(zip(up, self.inner.evaluate([trees[i] for i in up]))) if up else {}
+        # Masks measured on the full budget before need no promotion; the others compete for the
+        # promotion slots as distinct mask sets, best low-budget fitness first.
+        full: dict[str, FitnessResult] = {}
+        contenders: dict[str, int] = {}
+        for i in sorted((i for i, r in enumerate(low) if r.reason is None), key=lambda i: low[i].fitness):
+            key = low[i].mask_key
+            if key in self.full_known:
+                full[key] = FitnessResult(self.full_known[key], mask_key=key, cached="mask")
+            else:
+                contenders.setdefault(key, i)
+        n_up = min(len(contenders), math.ceil(self.promote * len(contenders)))
+        up = list(contenders.values())[:n_up]
+        for i, res in zip(up, self.inner.evaluate([trees[i] for i in up]) if up else []):
+            full[low[i].mask_key] = res
+            if res.reason is None:
+                self.full_known[low[i].mask_key] = res.fitness
 
-        ratios = [full[i].fitness / low[i].fitness for i in up
-                  if full[i].reason is None and low[i].fitness > 0 and math.isfinite(full[i].fitness)]
+        ratios = [full[r.mask_key].fitness / r.fitness for r in low
+                  if r.reason is None and r.mask_key in full and full[r.mask_key].reason is None and r.fitness > 0]
         scale = max(ratios, default=1.0)
-        out = []
+        out, first = [], set()
         for i, r in enumerate(low):
-            if i in full:
-                f = full[i]
-                out.append(FitnessResult(f.fitness, reason=f.reason, mask_key=f.mask_key or r.mask_key,
-                                         seconds=r.seconds + f.seconds, cached=f.cached, timings=f.timings,
-                                         low_fitness=r.fitness))
+            f = full.get(r.mask_key) if r.reason is None else None
+            if f is not None:  # measured on the full budget (now, or earlier for the same masks)
+                cached = f.cached if i in up and r.mask_key not in first else "mask"
+                first.add(r.mask_key)
+                out.append(FitnessResult(f.fitness, reason=f.reason, mask_key=r.mask_key, seconds=r.seconds + f.seconds,
+                                         cached=cached, timings=f.timings, low_fitness=r.fitness))
             elif r.reason is not None:
                 out.append(r)
             else:
@@ -70,12 +84,13 @@ class MultiFidelityEvaluator(Evaluator):
                                          seconds=r.seconds, cached=r.cached, budget=self.low_budget,
                                          low_fitness=r.fitness, estimated=True))
         self.promoted += len(up)
-        self.stopped_low += len(rankable) - len(up)
-        log.info("multi-fidelity: %d trees on %d/%d windows, %d promoted to the full budget (scale %.3f)",
-                 len(trees), self.low_budget, self.full_budget, len(up), scale)
+        self.stopped_low += len(contenders) - len(up)
+        log.info("multi-fidelity: %d trees on %d/%d windows, %d of %d new mask sets promoted to the full budget "
+                 "(scale %.3f)", len(trees), self.low_budget, self.full_budget, len(up), len(contenders), scale)
         return out
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
+        self.full_known.update({k: v for k, v in mask_fitness.items() if "@" not in k})  # full-budget keys
         self.inner.remember(mask_fitness)
 
     def close(self) -> None:

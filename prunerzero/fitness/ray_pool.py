@@ -143,6 +143,20 @@ class FitnessWorker:
         """Peak resident memory of this worker process (Linux reports ru_maxrss in KiB)."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def memory_mb(self) -> dict[str, float]:
+        """Peak RSS, and now: RSS, PSS (shared pages split between the processes that map them: the
+        model and statistics files are mapped, so workers of one machine share them) and private
+        memory (what this worker alone holds). PSS and private need Linux's smaps_rollup."""
+        out = {"peak_rss": self.peak_rss_mb()}
+        try:
+            fields = dict(line.split(":", 1) for line in open("/proc/self/smaps_rollup").read().splitlines()[1:])
+        except OSError:
+            return out
+        kib = {k.strip(): int(v.split()[0]) for k, v in fields.items()}
+        out.update(rss=kib["Rss"] / 1024, pss=kib["Pss"] / 1024,
+                   private=(kib["Private_Clean"] + kib["Private_Dirty"]) / 1024)
+        return out
+
     def pid(self) -> int:
         return os.getpid()
 

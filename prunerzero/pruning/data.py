@@ -91,9 +91,22 @@ def _hub_rows(name: str, config: str | None, split: str, local: str, **kwargs: o
         ) from None
 
 
-def joined_tokens(tokenizer: object, source: str, split: str, sep: str, data_dir: str | None = None) -> torch.Tensor:
-    """All rows joined with ``sep`` and tokenized once, as a 1-D tensor of token ids."""
+def joined_tokens(tokenizer: object, source: str, split: str, sep: str, data_dir: str | None = None,
+                  max_tokens: int | None = None) -> torch.Tensor:
+    """All rows joined with ``sep`` and tokenized once, as a 1-D tensor of token ids.
+
+    ``max_tokens``: only the first that many are wanted (a fitness budget is a few thousand tokens
+    of a split of hundreds of thousands), so a prefix of the text is tokenized, growing until it
+    yields a safe margin more than needed; tokens far from the cut are those of the whole text."""
     text = sep.join(text_rows(source, split, data_dir))
+    if max_tokens is not None:
+        margin = max_tokens + 256
+        chars = 8 * margin
+        while chars < len(text):
+            ids = tokenizer(text[:chars], return_tensors="pt").input_ids[0]
+            if ids.numel() >= margin:
+                return ids[:max_tokens].clone()
+            chars *= 2
     return tokenizer(text, return_tensors="pt").input_ids[0]
 
 

@@ -22,7 +22,7 @@ from prunerzero.errors import UserError
 from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
-from prunerzero.pruning.masks import Pattern, prune_mask
+from prunerzero.pruning.masks import PackedMasks, Pattern, prune_mask
 from prunerzero.pruning.models import prunable_linears
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,24 @@ def restore_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], removed: 
         linears[name].weight.data.masked_scatter_(mask, removed[name])
 
 
+@dataclass
+class Removed:
+    """What pruning took out of a model, enough to put it back bit for bit: the masks (packed) and
+    the values they zeroed, about half a copy of the weights at 50% sparsity instead of a whole one."""
+
+    masks: PackedMasks = field(default_factory=PackedMasks)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def zero(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        self.masks.add(name, mask)
+        self.values[name] = weight.masked_select(mask)
+        weight.masked_fill_(mask, 0)
+
+    def restore(self, model: nn.Module) -> None:
+        restore_masks(model, self.masks, self.values)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
@@ -223,8 +241,12 @@ def prune_model(
     tree: Tree | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
     activations: Mapping[str, torch.Tensor] | None = None,
+    removed: Removed | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and report what was done.
+
+    ``removed`` given: it collects what was zeroed, so that ``removed.restore(model)`` undoes the
+    pruning exactly (masking methods only; SparseGPT also updates the weights it keeps).
 
     ``activations`` given: X is taken from it (the "statistics once per run" mode) and no
     calibration pass is made. Otherwise methods that need X or a Hessian walk the blocks with the
@@ -237,6 +259,8 @@ def prune_model(
     # sparsegpt chooses its own masks inside sparsegpt_prune; the others rank by a score
     score: ScoreFn = tree_score(tree) if method == "tree" else {"wanda": wanda_score}.get(method, magnitude_score)
     needs = {"magnitude": {"W"}, "wanda": {"W", "X"}, "sparsegpt": {"W", "H"}, "tree": tree.terminals if tree else set()}[method]
+    if removed is not None and method == "sparsegpt":
+        raise ValueError("sparsegpt changes the weights it keeps; it cannot be undone from what it removed")
     if "G" in needs and gradients is None:
         raise UserError(f"{'tree ' + str(tree) if tree else method} uses G: gradients are needed")
     start = time.perf_counter()
@@ -253,7 +277,11 @@ def prune_model(
                     lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, sparsity, pattern)
                 else:
                     s = score(name, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)))
-                    lin.weight.data[prune_mask(s, sparsity, pattern)] = 0
+                    mask = prune_mask(s, sparsity, pattern)
+                    if removed is not None:
+                        removed.zero(name, lin.weight.data, mask)
+                    else:
+                        lin.weight.data[mask] = 0
             return True
 
         iterate_blocks(model, windows, on_block, hessian="H" in needs,
@@ -261,7 +289,12 @@ def prune_model(
         bar.close()
     else:
         masks = score_masks(model, score, sparsity, pattern, activations, gradients)
-        apply_masks(model, masks)
+        if removed is not None:
+            linears = prunable_linears(model)
+            for name, mask in masks.items():
+                removed.zero(name, linears[name].weight.data, mask)
+        else:
+            apply_masks(model, masks)
     seconds = time.perf_counter() - start
     counts = measure_sparsity(model)
     report = PruneReport(method, str(pattern), sparsity, seconds,

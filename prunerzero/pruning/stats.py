@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 from pathlib import Path
 
@@ -87,6 +88,38 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.replace(tmp, path)
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def load_tensors_mapped(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as CPU tensors backed by a private memory map of the file.
+
+    The pages are the page cache's: every process on a machine that maps the same statistics
+    (each Ray worker) shares one physical copy, and nothing is read until it is used. Writing a
+    tensor copies the touched pages (MAP_PRIVATE); the file is never changed. Falls back to
+    ``load_file`` for dtypes or layouts a plain view cannot express."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if any(v["dtype"] not in _SAFETENSORS_DTYPES or (base + v["data_offsets"][0]) % _SAFETENSORS_DTYPES[v["dtype"]].itemsize
+           for v in entries.values()):
+        return load_file(str(path))
+    storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)
+    out = {}
+    for name, v in entries.items():
+        dtype = _SAFETENSORS_DTYPES[v["dtype"]]
+        out[name] = torch.empty(0, dtype=dtype).set_(storage, (base + v["data_offsets"][0]) // dtype.itemsize, v["shape"])
+    return out
+
+
+def finite_checked(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it holds no NaN/Inf (so a mapped tensor stays shared), else a finite copy."""
+    return t if bool(torch.isfinite(t).all()) else finite(t)
+
+
 _REFERENCE_KEY = re.compile(r"^(?P<name>.+)_layer_(?P<i>\d+)$")
 
 
@@ -98,7 +131,7 @@ def load_gradients(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor
         raise UserError(f"gradient file {path} does not exist; compute one with `prunerzero gradients`")
     try:
         if path.suffix == ".safetensors":
-            grads = load_file(str(path))
+            grads = load_tensors_mapped(path)
         else:
             grads = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -119,7 +152,7 @@ def load_gradients(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor
                 f"weight is {tuple(lin.weight.shape)}; the file was computed for another model"
             )
     device = model_device(model)
-    return {n: finite(renamed[n].to(device=device, dtype=torch.float32)) for n in linears}
+    return {n: finite_checked(renamed[n].to(device=device, dtype=torch.float32)) for n in linears}
 
 
 def cached_gradients(

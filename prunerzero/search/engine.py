@@ -146,7 +146,8 @@ class GeneticSearch:
                     record["mask_key"] = res.mask_key
                 if res.low_fitness is not None:
                     record["low_fitness"] = float(res.low_fitness)
-                    self.state.counters["stopped_low" if res.estimated else "promoted"] += 1
+                    if res.cached is None:  # real work: measured on the low budget, and maybe the full one
+                        self.state.counters["stopped_low" if res.estimated else "promoted"] += 1
                 if res.estimated:
                     record["estimated"] = True
                 if res.cached == "mask":
