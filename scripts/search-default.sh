@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs prunerzero, then runs the embedded default search (SmolLM2-135M on CPU, ~30 min),
+# Installs prunerzero, then runs the embedded default search (SmolLM2-135M on CPU, about 10 min plus the one-off model conversion),
 # exports the best metrics and prunes the model with the best one (quick perplexity check).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
