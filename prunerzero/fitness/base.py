@@ -45,6 +45,11 @@ def mask_cache_key(mask_key: str, budget: int | None) -> str:
     return mask_key if budget is None else f"{mask_key}@{budget}"
 
 
+def is_full_budget_key(key: str) -> bool:
+    """Whether a :func:`mask_cache_key` names a fitness measured on the full budget."""
+    return "@" not in key
+
+
 class Evaluator(ABC):
     """Evaluates batches of trees. Implementations: in-process, Ray actor pool, and cheap ones
     used by tests. ``fingerprint`` describes what the fitness means (resume refuses a change).

@@ -3,15 +3,16 @@
 One rung of successive halving per batch. All new trees of a batch are measured on the first
 ``low_budget`` fitness units (token windows). Trees whose masks were measured on the full budget
 before take that fitness; of the other distinct mask sets that could be ranked, the best
-``promote`` fraction are measured again on the full budget. The others keep an *estimated* fitness: their
-low-budget value times the largest full/low ratio seen among the promoted trees of the batch.
-That estimate keeps the order of the low rung among them and never ranks an unpromoted tree above
-a promoted one of the same batch, which is all that selection needs. Estimated fitnesses are
-marked (``estimated``) and never enter the hall of fame, so every exported metric was measured on
-the full budget.
+``promote`` fraction are measured again on the full budget. The others keep an *estimated*
+fitness: their low-budget value times the largest full/low ratio seen among the promoted trees of
+the batch. That estimate keeps the order of the low rung among them and never ranks an unpromoted
+tree above a promoted one of the same batch, which is all that selection needs. Estimated
+fitnesses are marked (``estimated``) and never enter the hall of fame, so every exported metric
+was measured on the full budget.
 
 The low budget is a prefix of the full one, so the two measurements share their first windows.
-``benchmarks/fitness.py --fidelity`` reports how well the two budgets agree (Spearman).
+``benchmarks/fitness.py`` reports how well the two budgets agree (Spearman) when the config sets
+``fitness.multi_fidelity``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 from typing import Sequence
 
 from prunerzero.errors import UserError
-from prunerzero.fitness.base import WORST_FITNESS, Evaluator, FitnessResult
+from prunerzero.fitness.base import WORST_FITNESS, Evaluator, FitnessResult, is_full_budget_key
 from prunerzero.primitives.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class MultiFidelityEvaluator(Evaluator):
         return out
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
-        self.full_known.update({k: v for k, v in mask_fitness.items() if "@" not in k})  # full-budget keys
+        self.full_known.update({k: v for k, v in mask_fitness.items() if is_full_budget_key(k)})
         self.inner.remember(mask_fitness)
 
     def close(self) -> None:
