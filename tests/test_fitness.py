@@ -118,3 +118,14 @@ def test_statistics_are_computed_once_per_run_folder(tmp_path):
         assert torch.equal(first.activations[name], second.activations[name])
     masks = score_masks(model, lambda n, s: s["W"], 0.5, Pattern())
     assert len(masks) == len(first.linears)
+
+
+def test_gradients_streamed_from_their_file_give_the_same_fitness(fitness):
+    from prunerzero.pruning.stats import TensorFile
+
+    assert isinstance(fitness.gradients, TensorFile)  # a CPU worker never holds all of G
+    tree = Tree.parse("mul(abs(W), abs(G))")
+    streamed = fitness.evaluate(tree).fitness
+    fitness.gradients = {k: fitness.gradients[k].clone() for k in fitness.gradients}
+    fitness.known_masks.clear()
+    assert fitness.evaluate(tree).fitness == streamed

@@ -306,3 +306,41 @@ def test_mapped_statistics_equal_the_file_and_never_write_it(tmp_path):
     assert all(mapped[k].dtype == tensors[k].dtype for k in tensors)
     mapped["a"].zero_()  # copy-on-write: the file keeps its values
     assert torch.equal(load_file(str(path))["a"], tensors["a"])
+
+
+def test_tensor_file_reads_each_tensor_from_the_file(tmp_path):
+    from prunerzero.pruning.stats import TensorFile
+
+    tensors = {"a": torch.randn(5, 7), "b": torch.randn(3).double(), "c": torch.randn(2, 2).half(), "d": torch.randn(7, 5)}
+    path = tmp_path / "s.safetensors"
+    save_tensors_atomic(tensors, path)
+    file = TensorFile(path)
+    assert set(file) == set(tensors) and len(file) == 4 and file.shape("a") == (5, 7)
+    assert all(torch.equal(file[k], tensors[k]) and file[k].dtype == tensors[k].dtype for k in tensors)
+    file["a"].zero_()  # a fresh copy each time: the next lookup reads the file again
+    assert torch.equal(file["a"], tensors["a"])
+    reused = TensorFile(path, reuse_buffers=True)
+    a = reused["a"]
+    assert torch.equal(reused["d"], tensors["d"])  # same size: the buffer of "a" now holds "d"
+    assert a.data_ptr() == reused["d"].data_ptr() and torch.equal(reused["a"], tensors["a"])
+    one = tmp_path / "one.safetensors"
+    save_tensors_atomic({"a": tensors["a"]}, one)
+    one.write_bytes(one.read_bytes()[:-8])
+    with pytest.raises(UserError, match="truncated at tensor a"):
+        TensorFile(one)["a"]
+
+
+def test_streamed_gradients_are_checked_and_fall_back_to_memory(tiny_model, windows, tmp_path):
+    from prunerzero.pruning.stats import TensorFile, stream_gradients
+
+    grads = compute_gradients(tiny_model, windows[:1])
+    good = tmp_path / "g.safetensors"
+    save_tensors_atomic(grads, good)
+    streamed = stream_gradients(good, tiny_model)
+    assert isinstance(streamed, TensorFile) and all(torch.equal(streamed[k], grads[k]) for k in grads)
+    first = next(iter(grads))
+    grads[first][0, 0] = float("nan")  # a file to repair: loaded into memory, made finite
+    bad = tmp_path / "nan.safetensors"
+    save_tensors_atomic(grads, bad)
+    repaired = stream_gradients(bad, tiny_model)
+    assert not isinstance(repaired, TensorFile) and bool(torch.isfinite(repaired[first]).all())

@@ -32,7 +32,7 @@ from prunerzero.pruning.models import load_model, prunable_linears, resolve_mode
 from prunerzero.pruning.perplexity import window_losses
 from prunerzero.pruning.prune import Removed, layer_stats, masked_weights, prune_model, unrankable
 from prunerzero.pruning.stats import (GRADIENT_SCALE, cache_key, collect_activation_norms, load_tensors_mapped,
-                                      save_tensors_atomic)
+                                      save_tensors_atomic, stream_gradients)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,15 @@ class ModelFitness:
         self.linears = prunable_linears(model)
         acts, grads = prepare_statistics(model, tokenizer, source, settings, Path(run_dir))
         dev = next(model.parameters()).device
-        self.activations = {k: v.to(dev) for k, v in acts.items()}
-        self.gradients = {k: v.to(dev) for k, v in grads.items()}
+        self.activations = {k: v.to(dev) for k, v in acts.items()}  # a vector per layer: small
+        # On a CPU, G (as large as the model) is read from its file a layer at a time as scores
+        # need it: a worker's memory is the model plus one layer of G, and the file's pages are
+        # shared by every worker on the machine. An accelerator keeps G in its own memory.
+        if dev.type == "cpu":
+            self.gradients = stream_gradients(statistics_paths(settings, run_dir, source.fingerprint)[1], model)
+        else:
+            self.gradients = {k: v.to(dev) for k, v in grads.items()}
+        del grads
         need = settings.windows * settings.seqlen
         tokens = joined_tokens(tokenizer, settings.text, settings.split, "\n\n", settings.calibration.data_dir, need)
         if tokens.numel() < need:
@@ -130,8 +137,10 @@ class ModelFitness:
         """The tree's masks (packed: a bool copy of every weight is what a worker can least
         afford), or the reason it cannot rank weights."""
         masks = PackedMasks()
+        needs_g = "G" in tree.terminals  # G may be read from a file: only when the tree uses it
         for name, lin in self.linears.items():
-            scores = tree.evaluate(layer_stats(lin.weight, self.activations.get(name), self.gradients.get(name)))
+            g = self.gradients.get(name) if needs_g else None
+            scores = tree.evaluate(layer_stats(lin.weight, self.activations.get(name), g))
             reason = unrankable(scores)
             if reason:
                 return f"{reason} in {name}"

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -91,6 +92,14 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
+def _safetensors_entries(path: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, {name: header entry}) of a safetensors file."""
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    return 8 + header_len, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
 def load_tensors_mapped(path: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file as CPU tensors backed by a private memory map of the file.
 
@@ -99,11 +108,7 @@ def load_tensors_mapped(path: str | Path) -> dict[str, torch.Tensor]:
     tensor copies the touched pages (MAP_PRIVATE); the file is never changed. Falls back to
     ``load_file`` for dtypes or layouts a plain view cannot express."""
     path = Path(path)
-    with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    base, entries = _safetensors_entries(path)
     if any(v["dtype"] not in _SAFETENSORS_DTYPES or (base + v["data_offsets"][0]) % _SAFETENSORS_DTYPES[v["dtype"]].itemsize
            for v in entries.values()):
         return load_file(str(path))
@@ -113,6 +118,49 @@ def load_tensors_mapped(path: str | Path) -> dict[str, torch.Tensor]:
         dtype = _SAFETENSORS_DTYPES[v["dtype"]]
         out[name] = torch.empty(0, dtype=dtype).set_(storage, (base + v["data_offsets"][0]) // dtype.itemsize, v["shape"])
     return out
+
+
+class TensorFile(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read from the file when it is looked up.
+
+    Nothing stays in the process: a caller that uses one layer's tensor and drops it holds one
+    layer at a time. (A memory map would count every page it ever touched as this process's
+    resident memory.) The file's pages live in the page cache, shared by every process on the
+    machine. With ``reuse_buffers`` a lookup reads into one buffer per tensor size, so a tensor
+    is valid only until the next lookup of one of the same size; reading costs no new pages then,
+    and is about free next to any use of the tensor."""
+
+    def __init__(self, path: str | Path, reuse_buffers: bool = False):
+        self.path = Path(path)
+        self._base, self._entries = _safetensors_entries(self.path)
+        unknown = sorted({v["dtype"] for v in self._entries.values()} - set(_SAFETENSORS_DTYPES))
+        if unknown:
+            raise UserError(f"{self.path}: dtype {unknown[0]} is not supported in a statistics file")
+        self._buffers: dict[int, torch.Tensor] | None = {} if reuse_buffers else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        v = self._entries[name]
+        start, end = v["data_offsets"]
+        size = end - start
+        raw = None if self._buffers is None else self._buffers.get(size)
+        if raw is None:
+            raw = torch.empty(size, dtype=torch.uint8)
+            if self._buffers is not None:
+                self._buffers[size] = raw
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(raw.numpy()) != size:
+                raise UserError(f"{self.path} is truncated at tensor {name}; delete it and it is computed again")
+        return raw.view(_SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def finite_checked(t: torch.Tensor) -> torch.Tensor:
@@ -153,6 +201,22 @@ def load_gradients(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor
             )
     device = model_device(model)
     return {n: finite_checked(renamed[n].to(device=device, dtype=torch.float32)) for n in linears}
+
+
+def stream_gradients(path: str | Path, model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """G of a CPU model read from its file one layer at a time, so a process that evaluates many
+    candidates never holds all of G. A layer's G is valid until the next lookup of a layer of the
+    same shape (buffers are reused): use it and drop it, as scores do. The file is checked once,
+    like :func:`load_gradients` does; files that need renaming or repair, and models on an
+    accelerator, get :func:`load_gradients` instead."""
+    path = Path(path)
+    linears = prunable_linears(model)
+    if path.suffix == ".safetensors" and path.is_file() and model_device(model).type == "cpu":
+        file = TensorFile(path, reuse_buffers=True)
+        if (set(file) == set(linears) and all(file.shape(n) == tuple(lin.weight.shape) for n, lin in linears.items())
+                and all(bool(torch.isfinite(file[n]).all()) for n in file)):
+            return file
+    return load_gradients(path, model)
 
 
 def cached_gradients(
