@@ -98,6 +98,7 @@ def main() -> None:
     cands = {b: [] for b in budgets}
     parts = {b: {"score_mask": [], "forward": []} for b in budgets}
     fits: dict = {b: {} for b in budgets}
+    done, total, began = 0, args.repeats * len(trees), time.perf_counter()
     for _ in range(args.repeats):
         for tree in trees:
             for b in budgets:  # side by side: the floor right before the candidate it prices
@@ -110,6 +111,9 @@ def main() -> None:
                 fits[b][str(tree)] = res
                 for k, v in (res.timings or {}).items():
                     parts[b][k].append(v)
+            done += 1
+            log.info("%d/%d candidates (%.1f/min): %s, full budget floor %.2f s, candidate %.2f s", done, total,
+                     60 * done / (time.perf_counter() - began), tree, floors[None][-1], cands[None][-1])
     for b in budgets:
         name = f"{b or settings.windows} x {settings.seqlen} tokens" + (" (low rung)" if b else " (full budget)")
         floor, cand = statistics.median(floors[b]), statistics.median(cands[b])
@@ -121,8 +125,9 @@ def main() -> None:
     model_mb = sum(p.numel() * 4 for p in fitness.model.parameters()) / 2**20
     stats_mb = sum(t.numel() * t.element_size() for d in (fitness.activations, fitness.gradients)
                    for t in d.values()) / 2**20
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; model fp32 {model_mb:.0f} MiB, "
-          f"statistics {stats_mb:.0f} MiB, target 2 x model + statistics = {2 * model_mb + stats_mb:.0f} MiB")
+    peak_mb, target_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 2 * model_mb + stats_mb
+    print(f"peak RSS {peak_mb:.0f} MiB; model fp32 {model_mb:.0f} MiB, statistics {stats_mb:.0f} MiB, "
+          f"target 2 x model + statistics = {target_mb:.0f} MiB: {'met' if peak_mb <= target_mb else 'NOT met'}")
     names = [str(t) for t in trees]
     ranked = [n for n in names if fits[None][n].reason is None]
     print(f"{'fitness':>14} " + (f"{'low rung':>14} " if low else "") + " tree")

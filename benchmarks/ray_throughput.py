@@ -113,7 +113,10 @@ def main() -> None:
               f"{r['per_min']:.2f} candidates/min, concurrency {overlap:.2f}")
         print(f"  memory per worker (MiB): peak RSS [{each('peak_rss')}]; after the batch: RSS [{each('rss')}], "
               f"PSS [{each('pss')}], private [{each('private')}]")
-    print(f"target per worker: 2 x fp32 model + statistics = {2 * params * 4 / 2**20 + stats_mb:.0f} MiB")
+    target = 2 * params * 4 / 2**20 + stats_mb
+    peaks = [m["peak_rss"] for r in runs for m in r["memory"] if "peak_rss" in m]
+    verdict = f"highest peak RSS {max(peaks):.0f} MiB: {'met' if max(peaks) <= target else 'NOT met'}" if peaks else "no figures"
+    print(f"target per worker: 2 x fp32 model + statistics = {target:.0f} MiB; {verdict}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"speedup_2_vs_1: {runs[1]['per_min'] / runs[0]['per_min']:.2f}")
 

@@ -85,9 +85,13 @@ def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint
 
 
 def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, settings: FitnessSettings,
-                       run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                       run_dir: Path) -> tuple[dict[str, torch.Tensor], Mapping[str, torch.Tensor]]:
     """(X, G) of the dense model, computed once and stored in the run folder (safetensors);
-    later calls, and every Ray worker, load them."""
+    later calls, and every Ray worker, load them.
+
+    On a CPU, G (as large as the model) is then read from its file a layer at a time as scores
+    need it: a worker holds the model and one layer of G, and the file's pages are shared by
+    every worker on the machine. An accelerator keeps G in its own memory."""
     path, grads_path = statistics_paths(settings, run_dir, source.fingerprint)
     windows = None
     if not path.is_file() or not grads_path.is_file():
@@ -98,8 +102,11 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
         acts = collect_activation_norms(model, windows)
         save_tensors_atomic(acts, path, metadata={"model": settings.model})
         log.info("activation statistics of %d layers stored in %s", len(acts), path)
-    grads = gradients_for(model, source, windows, settings.calibration, Path(run_dir))
-    return acts, grads
+    if next(model.parameters()).device.type != "cpu":
+        return acts, gradients_for(model, source, windows, settings.calibration, Path(run_dir))
+    if not grads_path.is_file():
+        gradients_for(model, source, windows, settings.calibration, Path(run_dir))  # computed and stored
+    return acts, stream_gradients(grads_path, model)
 
 
 class ModelFitness:
@@ -116,14 +123,7 @@ class ModelFitness:
         acts, grads = prepare_statistics(model, tokenizer, source, settings, Path(run_dir))
         dev = next(model.parameters()).device
         self.activations = {k: v.to(dev) for k, v in acts.items()}  # a vector per layer: small
-        # On a CPU, G (as large as the model) is read from its file a layer at a time as scores
-        # need it: a worker's memory is the model plus one layer of G, and the file's pages are
-        # shared by every worker on the machine. An accelerator keeps G in its own memory.
-        if dev.type == "cpu":
-            self.gradients = stream_gradients(statistics_paths(settings, run_dir, source.fingerprint)[1], model)
-        else:
-            self.gradients = {k: v.to(dev) for k, v in grads.items()}
-        del grads
+        self.gradients = grads  # on the model's device already; streamed from its file on a CPU
         need = settings.windows * settings.seqlen
         tokens = joined_tokens(tokenizer, settings.text, settings.split, "\n\n", settings.calibration.data_dir, need)
         if tokens.numel() < need:
