@@ -24,6 +24,7 @@ import torch
 
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
+from prunerzero.memory import keep_freed_memory
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.data import joined_tokens
@@ -116,6 +117,7 @@ class ModelFitness:
                  source: Any = None):
         self.settings = settings
         self.pattern = Pattern.parse(settings.pattern)
+        keep_freed_memory()  # this process evaluates candidate after candidate: reuse memory
         if model is None:
             model, tokenizer, source = load_model(settings.model, settings.device)
         self.model, self.tokenizer = model, tokenizer

@@ -1,0 +1,22 @@
+"""Memory policy of a process that evaluates candidate after candidate."""
+
+from __future__ import annotations
+
+import ctypes
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the system.
+
+    A fitness process allocates the same large tensors (activations, scores) for every candidate.
+    By default glibc maps blocks above a dynamic threshold afresh and trims the heap after frees,
+    so every forward pass faults its working set in again: tens of thousands of page faults per
+    candidate, measured here as about 5% of the forward pass. Kept, the memory is reused; the
+    resident size stays at its high-water mark, which it reaches anyway. Returns False (and does
+    nothing) where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
