@@ -111,12 +111,12 @@ def prune_mask(
         raise ValueError(f"scores must be 2-D, got shape {tuple(scores.shape)}")
     scores = scores.float()
     rows, cols = scores.shape
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if pattern.structured:
         if cols % pattern.m:
             raise UserError(f"a layer with {cols} inputs cannot be split into groups of {pattern.m}")
         grouped = scores.reshape(rows, cols // pattern.m, pattern.m)
         idx = torch.topk(grouped, pattern.n, dim=-1, largest=False).indices
+        mask = torch.zeros_like(scores, dtype=torch.bool)
         return mask.reshape(rows, cols // pattern.m, pattern.m).scatter_(-1, idx, True).reshape(rows, cols)
     if group == "row":
         return _lowest_per_row(scores, int(cols * sparsity))
