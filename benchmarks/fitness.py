@@ -98,6 +98,7 @@ def main() -> None:
     cands = {b: [] for b in budgets}
     parts = {b: {"score_mask": [], "forward": []} for b in budgets}
     fits: dict = {b: {} for b in budgets}
+    faults = {b: [] for b in budgets}  # minor page faults per candidate: memory faulted in again
     done, total, began = 0, args.repeats * len(trees), time.perf_counter()
     for _ in range(args.repeats):
         for tree in trees:
@@ -106,7 +107,9 @@ def main() -> None:
                 fitness.forward_loss(b)  # the floor: the same forward pass on the dense model
                 floors[b].append(time.perf_counter() - t0)
                 fitness.known_masks.clear()  # measure real evaluations, not mask-cache hits
+                faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 res = fitness.evaluate(tree, b)
+                faults[b].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
                 cands[b].append(res.seconds)
                 fits[b][str(tree)] = res
                 for k, v in (res.timings or {}).items():
@@ -122,6 +125,7 @@ def main() -> None:
         for k, v in parts[b].items():
             if v:
                 print(f"  {k:<12} median {statistics.median(v):.3f} s")
+        print(f"  page faults  median {statistics.median(faults[b]):.0f} per candidate")
     model_mb = sum(p.numel() * 4 for p in fitness.model.parameters()) / 2**20
     stats_mb = sum(t.numel() * t.element_size() for d in (fitness.activations, fitness.gradients)
                    for t in d.values()) / 2**20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 
 def keep_freed_memory() -> bool:
@@ -13,7 +14,10 @@ def keep_freed_memory() -> bool:
     so every forward pass faults its working set in again: tens of thousands of page faults per
     candidate, measured here as about 5% of the forward pass. Kept, the memory is reused; the
     resident size stays at its high-water mark, which it reaches anyway. Returns False (and does
-    nothing) where the C library is not glibc."""
+    nothing) where the C library is not glibc, or when ``PRUNERZERO_KEEP_FREED_MEMORY=0`` asks
+    for glibc's default (to compare, or on a host short of memory)."""
+    if os.environ.get("PRUNERZERO_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

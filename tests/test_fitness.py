@@ -160,3 +160,10 @@ def test_freed_memory_is_kept_for_the_next_candidate():
     default, kept = int(out["default"][1]), int(out["keep"][1])
     assert default > 6 * 9_000  # 40 MiB = 10,240 pages, faulted in again on every allocation
     assert kept < default / 3
+
+
+def test_keeping_freed_memory_can_be_turned_off(monkeypatch):
+    from prunerzero.memory import keep_freed_memory
+
+    monkeypatch.setenv("PRUNERZERO_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
