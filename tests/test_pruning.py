@@ -344,3 +344,21 @@ def test_streamed_gradients_are_checked_and_fall_back_to_memory(tiny_model, wind
     save_tensors_atomic(grads, bad)
     repaired = stream_gradients(bad, tiny_model)
     assert not isinstance(repaired, TensorFile) and bool(torch.isfinite(repaired[first]).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_row_selection_split_over_threads_equals_the_stable_sort(threads):
+    # layers large enough for the threaded selection; bf16-rounded scores tie at the threshold
+    gen = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, cols in [(301, 576), (64, 1536)]:
+            scores = torch.randn(rows, cols, generator=gen).abs().to(torch.bfloat16).float()
+            for sparsity in (0.5, 0.7):
+                k = int(cols * sparsity)
+                ref = torch.zeros(rows, cols, dtype=torch.bool)
+                ref.scatter_(1, torch.sort(scores, dim=-1, stable=True).indices[:, :k], True)
+                assert torch.equal(prune_mask(scores, sparsity), ref)
+    finally:
+        torch.set_num_threads(before)

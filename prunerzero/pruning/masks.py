@@ -63,35 +63,47 @@ def check_sparsity(sparsity: float, pattern: Pattern) -> float:
     return sparsity
 
 
-def _kth_smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest score of each row (1-based), as a column."""
-    if scores.device.type == "cpu":
-        # numpy's introselect is about 3x faster than torch.kthvalue on CPU (measured on the
-        # layers of SmolLM2-135M: 0.29 s against 0.90 s), and this is the hot step of a fitness.
-        part = np.partition(scores.detach().numpy(), k - 1, axis=1)
-        return torch.from_numpy(np.ascontiguousarray(part[:, k - 1 : k]))
-    return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+def _lowest_per_row_numpy(scores: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k lowest scores of each row of a float array, ties to the lower column index.
+
+    numpy's introselect finds each row's k-th smallest without sorting (about 3x faster than
+    torch.kthvalue on CPU: 0.29 s against 0.90 s over the layers of SmolLM2-135M)."""
+    kth = np.partition(scores, k - 1, axis=1)[:, k - 1 : k]
+    at_most = scores <= kth
+    surplus = np.count_nonzero(at_most, axis=1) - k
+    if not surplus.any():
+        return at_most
+    # Ties at the threshold: as the stable sort does, keep pruning the tied entries from the left
+    # until the row has k. Only the tied entries are visited, in row-major order, so each one's
+    # ordinal within its row is its position minus the position of its row's first tie.
+    # (flatnonzero and divmod: 2-D nonzero costs six times as much.)
+    tie_row, tie_col = np.divmod(np.flatnonzero(scores == kth), scores.shape[1])
+    ties_per_row = np.bincount(tie_row, minlength=len(scores))
+    first_tie = np.cumsum(ties_per_row) - ties_per_row
+    ordinal = np.arange(len(tie_row)) - first_tie[tie_row]
+    spare = ordinal >= (ties_per_row - surplus)[tie_row]  # never true in a row without surplus
+    at_most[tie_row[spare], tie_col[spare]] = False
+    return at_most
 
 
 def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k lowest scores of each row, ties broken towards the lower column index.
 
     Exactly the first k entries of a stable sort (the reference), found with a selection
-    (introselect) instead of a full sort, which is the costly step of a fitness evaluation."""
+    instead of a full sort, which is the costly step of a fitness evaluation."""
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    kth = _kth_smallest_per_row(scores, k)
-    at_most = scores <= kth
-    surplus = at_most.sum(1, keepdim=True) - k
-    if not bool(surplus.any()):
+    if scores.device.type != "cpu":
+        kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+        at_most = scores <= kth
+        surplus = at_most.sum(1, keepdim=True) - k
+        if bool(surplus.any()):
+            tied = scores == kth
+            at_most &= ~(tied & (tied.cumsum(1) > tied.sum(1, keepdim=True) - surplus))
         return at_most
-    # Ties at the threshold: as the stable sort does, keep pruning the tied entries from the left
-    # until the row has k; only the rows with a surplus need the running count.
-    rows = surplus.squeeze(1).nonzero().squeeze(1)
-    tied = scores[rows] == kth[rows]
-    beyond = tied.cumsum(1) > (tied.sum(1, keepdim=True) - surplus[rows])
-    at_most[rows] &= ~(tied & beyond)
-    return at_most
+    # (Splitting the rows over two threads was measured slower on a 2-core CPU inside a fitness
+    # evaluation: 0.756 s against 0.698 s for the masks of mul(W, sqrt(X)) on SmolLM2-135M.)
+    return torch.from_numpy(_lowest_per_row_numpy(scores.detach().numpy(), k))
 
 
 def prune_mask(
