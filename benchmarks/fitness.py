@@ -96,7 +96,7 @@ def main() -> None:
     budgets = [None] + ([low] if low else [])
     floors = {b: [] for b in budgets}
     cands = {b: [] for b in budgets}
-    parts = {b: {"score_mask": [], "forward": []} for b in budgets}
+    parts = {b: {"score_mask": [], "apply_restore": [], "forward": []} for b in budgets}
     fits: dict = {b: {} for b in budgets}
     faults = {b: [] for b in budgets}  # minor page faults per candidate: memory faulted in again
     done, total, began = 0, args.repeats * len(trees), time.perf_counter()

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from prunerzero.errors import UserError
-from prunerzero.pruning.masks import Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.pruning.models import prunable_linears, resolve_model
-from prunerzero.pruning.prune import (PRUNER_ZERO_TREE, WANDA_TREE, apply_masks, measure_sparsity, prune_model,
-                                      restore_masks, score_masks, sparsegpt_prune)
+from prunerzero.pruning.prune import (PRUNER_ZERO_TREE, WANDA_TREE, apply_masks, masked_weights, measure_sparsity,
+                                      prune_model, restore_masks, score_masks, sparsegpt_prune)
 from prunerzero.pruning.stats import compute_gradients, load_gradients, save_tensors_atomic
 
 
@@ -143,6 +143,27 @@ def test_apply_and_restore_are_bitwise_exact(tiny_model):
     assert measure_sparsity(tiny_model)
     restore_masks(tiny_model, masks, removed)
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_masked_forward_with_packed_or_plain_masks_equals_zeroed_weights(tiny_model):
+    masks = score_masks(tiny_model, lambda n, s: s["W"], 0.5, Pattern())
+    packed = PackedMasks.of(masks)
+    for name, mask in masks.items():
+        assert torch.equal(packed[name], mask) and torch.equal(packed.keep(name), ~mask)
+    odd = torch.rand(3, 5) < 0.5  # 15 bits: the packed padding must not leak into the keep mask
+    assert torch.equal(PackedMasks.of({"odd": odd}).keep("odd"), ~odd)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        with masked_weights(tiny_model, masks) as plain:
+            out_plain = tiny_model(input_ids=ids).logits
+        with masked_weights(tiny_model, packed) as applied:
+            out_packed = tiny_model(input_ids=ids).logits
+        dense = tiny_model(input_ids=ids).logits
+        removed = apply_masks(tiny_model, masks)
+        zeroed = tiny_model(input_ids=ids).logits
+        restore_masks(tiny_model, masks, removed)
+    assert torch.equal(out_plain, zeroed) and torch.equal(out_packed, zeroed) and not torch.equal(dense, zeroed)
+    assert plain.seconds > 0 and applied.seconds > 0
 
 
 def test_sparsegpt_beats_magnitude_on_layer_reconstruction():

@@ -177,13 +177,14 @@ class ModelFitness:
         known = self.known_masks.get(mask_cache_key(key, budget))
         if known is not None:
             return FitnessResult(known, mask_key=key, seconds=t_mask - start, cached="mask", budget=budget)
-        with masked_weights(self.model, masks):
+        with masked_weights(self.model, masks) as applied:
             ppl = self.forward_loss(budget)
         t_end = time.perf_counter()
         self.known_masks[mask_cache_key(key, budget)] = ppl
-        # Masks are applied layer by layer inside the forward pass (masked_weights), so their cost
-        # is part of "forward"; compare it with the dense forward to see it.
-        timings = {"score_mask": t_mask - start, "forward": t_end - t_mask}
+        # Masks are applied layer by layer inside the forward pass (masked_weights): "forward" is
+        # the pass without the time its hooks spent swapping masked weights in and out.
+        timings = {"score_mask": t_mask - start, "apply_restore": applied.seconds,
+                   "forward": t_end - t_mask - applied.seconds}
         return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings, budget=budget)
 
     def _evaluate_sequential(self, tree: Tree, start: float, budget: int | None) -> FitnessResult:

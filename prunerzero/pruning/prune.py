@@ -104,42 +104,58 @@ def _get(stats: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | 
     return None if stats is None else stats.get(name)
 
 
+@dataclass
+class AppliedMasks:
+    """What :func:`masked_weights` yields: the seconds its hooks spent applying and restoring."""
+
+    seconds: float = 0.0
+
+
 @contextmanager
-def masked_weights(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def masked_weights(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[AppliedMasks]:
     """Inside the block, forwards see the masked weights zeroed; the dense weights are never written.
 
     Each linear layer swaps in ``W.masked_fill(mask, 0)`` just before it runs and swaps the dense
     tensor back just after, so at most one layer's pruned copy exists at a time and "restoring" is
-    exact by construction. Used by fitness evaluation, where the model must stay dense.
+    exact by construction. Used by fitness evaluation, where the model must stay dense. The
+    yielded :class:`AppliedMasks` adds up the time spent in the swaps.
     """
     linears = prunable_linears(model)
     dense: dict[str, torch.Tensor] = {}
-    # One pruned-weight buffer and one keep-mask buffer per layer shape, reused by every layer of
+    applied = AppliedMasks()
+    # One pruned-weight buffer (and keep-mask buffer) per layer shape, reused by every layer of
     # that shape: a fresh tensor per layer costs page faults, and a multiply by the keep mask is
     # several times faster than masked_fill on CPU.
-    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    buffers: dict[tuple, torch.Tensor] = {}
     handles = []
     for name in masks:
         lin = linears[name]
 
         def before(mod: nn.Module, _args: Any, name: str = name) -> None:
-            mask = masks[name]  # looked up here: packed masks unpack one layer at a time
+            start = time.perf_counter()
             weight = mod.weight.data
             key = (weight.shape, weight.dtype, weight.device)
             if key not in buffers:
-                buffers[key] = (torch.empty_like(weight), torch.empty_like(weight, dtype=torch.bool))
-            pruned, keep = buffers[key]
-            torch.logical_not(mask, out=keep)
+                buffers[key] = torch.empty_like(weight)
+            pruned = buffers[key]
+            if isinstance(masks, PackedMasks):  # unpacked here, one layer at a time, already inverted
+                keep = masks.keep(name)
+            else:
+                keep_key = ("keep", weight.shape, weight.device)
+                if keep_key not in buffers:
+                    buffers[keep_key] = torch.empty_like(weight, dtype=torch.bool)
+                keep = torch.logical_not(masks[name], out=buffers[keep_key])
             torch.mul(weight, keep, out=pruned)
             dense[name] = weight
             mod.weight.data = pruned
+            applied.seconds += time.perf_counter() - start
 
         def after(mod: nn.Module, _args: Any, _out: Any, name: str = name) -> None:
             mod.weight.data = dense.pop(name)
 
         handles += [lin.register_forward_pre_hook(before), lin.register_forward_hook(after)]
     try:
-        yield
+        yield applied
     finally:
         for h in handles:
             h.remove()
