@@ -120,8 +120,10 @@ def main() -> None:
     for b in budgets:
         name = f"{b or settings.windows} x {settings.seqlen} tokens" + (" (low rung)" if b else " (full budget)")
         floor, cand = statistics.median(floors[b]), statistics.median(cands[b])
+        paired = statistics.median(c / f for c, f in zip(cands[b], floors[b]))
         print(f"[{name}] floor (dense forward) median {floor:.3f} s, candidate median {cand:.3f} s, "
-              f"overhead {cand / floor:.2f}")
+              f"overhead {cand / floor:.3f} (median of the per-candidate ratios to the floor measured "
+              f"just before it: {paired:.3f})")
         for k, v in parts[b].items():
             if v:
                 print(f"  {k:<12} median {statistics.median(v):.3f} s")
@@ -171,7 +173,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(study, indent=1))
         plot_study(study, Path(args.out).with_suffix(".png"))
-    print(f"overhead: {statistics.median(cands[None]) / statistics.median(floors[None]):.2f}")
+    print(f"overhead: {statistics.median(cands[None]) / statistics.median(floors[None]):.3f}")
 
 
 def plot_study(study: dict, path: Path) -> None:
