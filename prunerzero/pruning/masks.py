@@ -68,7 +68,11 @@ def _lowest_per_row_numpy(scores: np.ndarray, k: int) -> np.ndarray:
 
     numpy's introselect finds each row's k-th smallest without sorting (about 3x faster than
     torch.kthvalue on CPU: 0.29 s against 0.90 s over the layers of SmolLM2-135M)."""
-    kth = np.partition(scores, k - 1, axis=1)[:, k - 1 : k]
+    # Non-negative float32 scores order exactly as their bit patterns read as int32 (-0.0 aside,
+    # which reads as the smallest int but yields the same k-th value, 0.0), and numpy selects
+    # among int32 about 20% faster than among floats, whose comparisons must place NaN.
+    keys = scores.view(np.int32) if scores.dtype == np.float32 and scores.min() >= 0 else scores
+    kth = np.partition(keys, k - 1, axis=1)[:, k - 1 : k].view(scores.dtype)
     at_most = scores <= kth
     surplus = np.count_nonzero(at_most, axis=1) - k
     if not surplus.any():
