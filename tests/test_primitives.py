@@ -110,6 +110,12 @@ def test_x_broadcasts_over_rows():
     w, x = torch.randn(5, 7), torch.rand(1, 7)
     assert torch.allclose(t.evaluate({"W": w.abs(), "X": x}), w.abs() * x.sqrt())
     assert Tree.parse("X").evaluate({"W": w, "X": x}).shape == (5, 7)
+    # given the layer's shape, a tree needs only its own terminals
+    assert torch.equal(Tree.parse("zsn(X)").evaluate({"X": x}, (5, 7)), Tree.parse("zsn(X)").evaluate({"W": w, "X": x}))
+    with pytest.raises(UserError, match="needs statistic"):
+        Tree.parse("mul(W, X)").evaluate({"X": x}, (5, 7))
+    with pytest.raises(RuntimeError):
+        Tree.parse("X").evaluate({"X": x}, (5, 8))  # X cannot broadcast to the shape asked
 
 
 def test_deap_conversion_round_trip():

@@ -139,10 +139,12 @@ class ModelFitness:
         """The tree's masks (packed: a bool copy of every weight is what a worker can least
         afford), or the reason it cannot rank weights."""
         masks = PackedMasks()
-        needs_g = "G" in tree.terminals  # G may be read from a file: only when the tree uses it
+        uses = tree.terminals  # only the statistics the tree reads: G may come from a file
         for name, lin in self.linears.items():
-            g = self.gradients.get(name) if needs_g else None
-            scores = tree.evaluate(layer_stats(lin.weight, self.activations.get(name), g))
+            stats = layer_stats(lin.weight if "W" in uses else None,
+                                self.activations.get(name) if "X" in uses else None,
+                                self.gradients.get(name) if "G" in uses else None)
+            scores = tree.evaluate(stats, lin.weight.shape)
             reason = unrankable(scores)
             if reason:
                 return f"{reason} in {name}"

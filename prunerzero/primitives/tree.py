@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import sympy
 import torch
@@ -196,13 +196,16 @@ class Tree:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     # ---------------------------------------------------------------- torch evaluation
-    def evaluate(self, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def evaluate(self, stats: Mapping[str, torch.Tensor], shape: Sequence[int] | None = None) -> torch.Tensor:
         """Score tensor for one layer. ``stats`` maps terminal names to tensors; the result has
-        the broadcast shape of all the terminals given (``(out, in)`` for a linear layer)."""
+        ``shape`` (``(out, in)`` for a linear layer), by default the broadcast shape of all the
+        terminals given. Given a shape, ``stats`` needs only the terminals the tree uses."""
         missing = self.terminals - set(stats)
         if missing:
             raise UserError(f"tree {self} needs statistic(s) {', '.join(sorted(missing))}, not computed")
-        shape = torch.broadcast_shapes(*(t.shape for t in stats.values()))
+        if shape is None:
+            shape = torch.broadcast_shapes(*(t.shape for t in stats.values()))
+        shape = torch.Size(shape)
         stack: list[torch.Tensor] = []
         for name in reversed(self.nodes):
             if name in TERMINALS:

@@ -75,8 +75,10 @@ def measure_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (int((l.weight == 0).sum()), l.weight.numel()) for n, l in prunable_linears(model).items()}
 
 
-def layer_stats(weight: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    stats = {"W": weight.detach().abs().float()}
+def layer_stats(weight: torch.Tensor | None, x: torch.Tensor | None, g: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The statistics a tree reads for one layer; those given as None are left out (|W| costs a
+    pass over the weights, so a caller that knows its tree needs no W passes none)."""
+    stats = {} if weight is None else {"W": weight.detach().abs().float()}
     if x is not None:
         stats["X"] = finite(x.reshape(1, -1).float())  # tiny; G is made finite where it is computed
     if g is not None:
