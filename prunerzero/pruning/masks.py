@@ -74,9 +74,11 @@ def _lowest_per_row_numpy(scores: np.ndarray, k: int) -> np.ndarray:
     keys = scores.view(np.int32) if scores.dtype == np.float32 and scores.min() >= 0 else scores
     kth = np.partition(keys, k - 1, axis=1)[:, k - 1 : k].view(scores.dtype)
     at_most = scores <= kth
-    surplus = np.count_nonzero(at_most, axis=1) - k
-    if not surplus.any():
+    # Every row holds at least k scores <= its k-th smallest, so a total of exactly rows * k
+    # means no ties to repair; the total is 8x cheaper to count than the per-row counts.
+    if np.count_nonzero(at_most) == at_most.shape[0] * k:
         return at_most
+    surplus = np.count_nonzero(at_most, axis=1) - k
     # Ties at the threshold: as the stable sort does, keep pruning the tied entries from the left
     # until the row has k. Only the tied entries are visited, in row-major order, so each one's
     # ordinal within its row is its position minus the position of its row's first tie.
