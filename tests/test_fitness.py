@@ -131,6 +131,24 @@ def test_gradients_streamed_from_their_file_give_the_same_fitness(fitness):
     assert fitness.evaluate(tree).fitness == streamed
 
 
+def test_layers_scored_side_by_side_give_the_reference_masks(tmp_path):
+    from prunerzero.fitness.model_fitness import torch_threads
+
+    model = tiny_llama()
+    settings = FitnessSettings(model="tiny", calibration=Calibration(nsamples=2, seqlen=32), seqlen=32, windows=1)
+    with torch_threads(2):  # a pool of layer threads exists only with several torch threads
+        fitness = ModelFitness(settings, tmp_path, model, CharTokenizer(), SimpleNamespace(fingerprint="tiny-test"))
+        assert fitness._layer_pool is not None
+        grads = {k: fitness.gradients[k].clone() for k in fitness.gradients}
+        for formula in ("mul(abs(W), sqrt(X))", "mul(sqr(W), mms(G))", "zsn(G)"):
+            tree = Tree.parse(formula)
+            masks = fitness.masks(tree)  # G read from its file by two threads at once
+            assert torch.get_num_threads() == 2  # restored after the layers ran single-threaded
+            expected = score_masks(model, lambda _n, s: tree.evaluate(s), 0.5, Pattern(), fitness.activations, grads)
+            assert set(masks) == set(expected)
+            assert all(torch.equal(masks[n], expected[n]) for n in expected), formula
+        assert "constant" in fitness.masks(Tree.parse("mms(sub(W, W))"))
+
 
 def test_freed_memory_is_kept_for_the_next_candidate():
     """Large tensors freed and allocated again, as a forward pass does per candidate, reuse the

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +112,24 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
     return acts, stream_gradients(grads_path, model)
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_threaded(fn: Callable[..., Any], *args: Any) -> Any:
+    # torch's thread count is per thread: a pool thread takes the process-wide count when it first
+    # runs an op, so it is set here, in the thread itself.
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
 class ModelFitness:
     """One model, its statistics and fitness tokens; evaluates trees one at a time."""
 
@@ -134,21 +154,49 @@ class ModelFitness:
         self.tokens = tokens[:need]
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
         self.known_masks: dict[str, float] = {}
+        threads = torch.get_num_threads()
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self._layer_pool = ThreadPoolExecutor(threads, "layer-mask") if on_cpu and threads > 1 else None
 
     def masks(self, tree: Tree) -> PackedMasks | str:
         """The tree's masks (packed: a bool copy of every weight is what a worker can least
-        afford), or the reason it cannot rank weights."""
-        masks = PackedMasks()
+        afford), or the reason it cannot rank weights.
+
+        On a CPU with several threads, layers are scored and selected side by side, one thread
+        each: the selection (numpy) runs on one core whatever torch's thread count, so two layers
+        at a time beat one layer on two threads (SmolLM2-135M, 2 cores: 0.34 to 0.58 s against
+        0.56 to 0.85 s per tree)."""
         uses = tree.terminals  # only the statistics the tree reads: G may come from a file
-        for name, lin in self.linears.items():
+
+        def layer_mask(name: str, lin: torch.nn.Module) -> torch.Tensor | str:
             stats = layer_stats(lin.weight if "W" in uses else None,
                                 self.activations.get(name) if "X" in uses else None,
                                 self.gradients.get(name) if "G" in uses else None)
             scores = tree.evaluate(stats, lin.weight.shape)
             reason = unrankable(scores)
-            if reason:
-                return f"{reason} in {name}"
-            masks.add(name, prune_mask(scores, self.settings.sparsity, self.pattern))
+            return f"{reason} in {name}" if reason else prune_mask(scores, self.settings.sparsity, self.pattern)
+
+        masks = PackedMasks()
+        if self._layer_pool is None:
+            for name, lin in self.linears.items():
+                mask = layer_mask(name, lin)
+                if isinstance(mask, str):
+                    return mask
+                masks.add(name, mask)
+            return masks
+        with torch_threads(1):
+            futures = {name: self._layer_pool.submit(_single_threaded, layer_mask, name, lin)
+                       for name, lin in self.linears.items()}
+            try:
+                for name, future in futures.items():
+                    mask = future.result()
+                    if isinstance(mask, str):
+                        return mask
+                    masks.add(name, mask)
+            finally:
+                for future in futures.values():
+                    future.cancel()
+                wait(futures.values())  # torch's thread count is restored only after the last layer
         return masks
 
     def _budget(self, budget: int | None) -> int | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -127,8 +128,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
     layer at a time. (A memory map would count every page it ever touched as this process's
     resident memory.) The file's pages live in the page cache, shared by every process on the
     machine. With ``reuse_buffers`` a lookup reads into one buffer per tensor size, so a tensor
-    is valid only until the next lookup of one of the same size; reading costs no new pages then,
-    and is about free next to any use of the tensor."""
+    is valid only until the next lookup of one of the same size by the same thread; reading costs
+    no new pages then, and is about free next to any use of the tensor."""
 
     def __init__(self, path: str | Path, reuse_buffers: bool = False):
         self.path = Path(path)
@@ -136,7 +137,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
         unknown = sorted({v["dtype"] for v in self._entries.values()} - set(_SAFETENSORS_DTYPES))
         if unknown:
             raise UserError(f"{self.path}: dtype {unknown[0]} is not supported in a statistics file")
-        self._buffers: dict[int, torch.Tensor] | None = {} if reuse_buffers else None
+        self._reuse_buffers = reuse_buffers
+        self._local = threading.local()  # buffers are per thread: layers may be scored side by side
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
@@ -145,16 +147,24 @@ class TensorFile(Mapping[str, torch.Tensor]):
         v = self._entries[name]
         start, end = v["data_offsets"]
         size = end - start
-        raw = None if self._buffers is None else self._buffers.get(size)
+        buffers = self._thread_buffers()
+        raw = None if buffers is None else buffers.get(size)
         if raw is None:
             raw = torch.empty(size, dtype=torch.uint8)
-            if self._buffers is not None:
-                self._buffers[size] = raw
+            if buffers is not None:
+                buffers[size] = raw
         with open(self.path, "rb") as f:
             f.seek(self._base + start)
             if f.readinto(raw.numpy()) != size:
                 raise UserError(f"{self.path} is truncated at tensor {name}; delete it and it is computed again")
         return raw.view(_SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"])
+
+    def _thread_buffers(self) -> dict[int, torch.Tensor] | None:
+        if not self._reuse_buffers:
+            return None
+        if not hasattr(self._local, "buffers"):
+            self._local.buffers = {}
+        return self._local.buffers
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
