@@ -30,7 +30,7 @@ from prunerzero.memory import keep_freed_memory
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.data import joined_tokens
-from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.masks import PackedMask, PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.pruning.models import load_model, prunable_linears, resolve_model
 from prunerzero.pruning.perplexity import window_losses
 from prunerzero.pruning.prune import Removed, layer_stats, masked_weights, prune_model, unrankable
@@ -168,13 +168,15 @@ class ModelFitness:
         0.56 to 0.85 s per tree)."""
         uses = tree.terminals  # only the statistics the tree reads: G may come from a file
 
-        def layer_mask(name: str, lin: torch.nn.Module) -> torch.Tensor | str:
+        def layer_mask(name: str, lin: torch.nn.Module) -> PackedMask | str:
             stats = layer_stats(lin.weight if "W" in uses else None,
                                 self.activations.get(name) if "X" in uses else None,
                                 self.gradients.get(name) if "G" in uses else None)
             scores = tree.evaluate(stats, lin.weight.shape)
             reason = unrankable(scores)
-            return f"{reason} in {name}" if reason else prune_mask(scores, self.settings.sparsity, self.pattern)
+            if reason:
+                return f"{reason} in {name}"
+            return PackedMask.of(prune_mask(scores, self.settings.sparsity, self.pattern))
 
         masks = PackedMasks()
         if self._layer_pool is None:

@@ -144,6 +144,19 @@ def prune_mask(
     raise ValueError(f"unknown comparison group {group!r}")
 
 
+@dataclass(frozen=True)
+class PackedMask:
+    """One layer's mask as bits (see :class:`PackedMasks`)."""
+
+    bits: np.ndarray
+    shape: torch.Size
+    device: torch.device
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "PackedMask":
+        return cls(np.packbits(mask.cpu().numpy()), mask.shape, mask.device)
+
+
 class PackedMasks(Mapping):
     """A model's masks kept as bits, 8x smaller than bool tensors; a layer's bool mask is unpacked
     when it is looked up (by the masked forward, one layer at a time)."""
@@ -160,9 +173,9 @@ class PackedMasks(Mapping):
             packed.add(name, mask)
         return packed
 
-    def add(self, name: str, mask: torch.Tensor) -> None:
-        self._bits[name] = np.packbits(mask.cpu().numpy())
-        self._shapes[name], self._devices[name] = mask.shape, mask.device
+    def add(self, name: str, mask: torch.Tensor | PackedMask) -> None:
+        packed = mask if isinstance(mask, PackedMask) else PackedMask.of(mask)
+        self._bits[name], self._shapes[name], self._devices[name] = packed.bits, packed.shape, packed.device
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._unpack(name, self._bits[name])
