@@ -162,10 +162,11 @@ class ModelFitness:
         """The tree's masks (packed: a bool copy of every weight is what a worker can least
         afford), or the reason it cannot rank weights.
 
-        On a CPU with several threads, layers are scored and selected side by side, one thread
-        each: the selection (numpy) runs on one core whatever torch's thread count, so two layers
-        at a time beat one layer on two threads (SmolLM2-135M, 2 cores: 0.34 to 0.58 s against
-        0.56 to 0.85 s per tree)."""
+        On a CPU with several threads, layers are scored and selected side by side, one torch
+        thread each: the selection (numpy) runs on one core whatever torch's thread count, so two
+        layers at a time beat one layer on two threads (SmolLM2-135M, 2 cores, five trees: 0.42
+        to 0.61 s against 0.61 to 0.85 s per tree). Masks on a CPU are thus always computed with
+        one torch thread, as in a one-thread Ray worker, so reductions (mms, zsn) round alike."""
         uses = tree.terminals  # only the statistics the tree reads: G may come from a file
 
         def layer_mask(name: str, lin: torch.nn.Module) -> PackedMask | str:
