@@ -36,8 +36,8 @@ from prunerzero.primitives.registry import DEFAULT_OPERATORS
 from prunerzero.primitives.tree import Tree
 from prunerzero.search.commands import fitness_settings
 from prunerzero.search.config import load_config
-from prunerzero.search.engine import KNOWN_METRICS
-from prunerzero.search.simplify import simplify
+from prunerzero.primitives.known import KNOWN_METRICS
+from prunerzero.search.simplify import Simplifier
 
 log = logging.getLogger("benchmark")
 
@@ -51,7 +51,8 @@ def tree_set(n: int, fitness: ModelFitness, seed: int = 0) -> list[Tree]:
     state = random.getstate()
     random.seed(seed)
     trees, masks = [], set()
-    candidates = (Tree.parse(f) for f in KNOWN_METRICS.values())
+    candidates = (m.tree for m in KNOWN_METRICS.values() if m.tree.operators <= set(DEFAULT_OPERATORS))
+    simplify = Simplifier()
     while len(trees) < n:
         tree = next(candidates, None)
         if tree is None:

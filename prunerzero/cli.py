@@ -19,21 +19,7 @@ from prunerzero.errors import UserError
 
 log = logging.getLogger("prunerzero")
 
-PACKAGED_TREES = Path(__file__).parent / "trees"
-
-
-def resolve_tree(spec: str):
-    """A tree from a JSON file, a packaged tree name (``pruner-zero``) or a formula text."""
-    from prunerzero.primitives.tree import Tree
-
-    packaged = PACKAGED_TREES / f"{spec}.json"
-    if packaged.is_file():
-        return Tree.load(packaged)
-    if spec.endswith(".json") or Path(spec).exists():
-        return Tree.load(spec)
-    if "(" in spec or spec in ("W", "G", "X"):
-        return Tree.parse(spec)
-    raise UserError(f"tree {spec!r} is not a file, a packaged tree ({', '.join(p.stem for p in PACKAGED_TREES.glob('*.json'))}) or a formula")
+from prunerzero.primitives.known import resolve_tree  # noqa: F401  (re-exported for the sub-command modules)
 
 
 def pick_device(name: str) -> str:

@@ -171,12 +171,12 @@ def _parse_patterns(text: str) -> list[str]:
 
 def _tree_label(rank: int, formula: str) -> str:
     """``#1 mul(W, sqrt(X))``, with ``(= wanda)`` when the metric is a known one in another spelling."""
+    from prunerzero.primitives.known import KNOWN_METRICS
     from prunerzero.primitives.tree import Tree
-    from prunerzero.search.engine import KNOWN_METRICS
-    from prunerzero.search.simplify import simplify
+    from prunerzero.search.simplify import symbolic_key
 
-    key = simplify(Tree.parse(formula)).key
-    same = [n for n, f in KNOWN_METRICS.items() if simplify(Tree.parse(f)).key == key]
+    key = symbolic_key(Tree.parse(formula))
+    same = [n for n, m in KNOWN_METRICS.items() if symbolic_key(m.tree) == key]
     return f"#{rank} {formula}" + (f" (= {same[0]})" if same else "")
 
 
@@ -463,12 +463,12 @@ def fitness_label(cfg: dict[str, Any] | None) -> str:
 
 
 def _known_metrics(state: Any) -> list[tuple[str, str, float]]:
-    from prunerzero.search.engine import KNOWN_METRICS
+    from prunerzero.primitives.known import KNOWN_METRICS
 
     out = []
-    for name, formula in KNOWN_METRICS.items():
+    for name, metric in KNOWN_METRICS.items():
         try:
-            out.append((name, formula, state.fitness_of(formula)))
+            out.append((name, metric.formula, state.fitness_of(metric.formula)))
         except KeyError:
             pass
     return out

@@ -83,7 +83,7 @@ def test_bad_trees_name_the_problem_and_place(tmp_path):
         Tree.from_json(bad)
     with pytest.raises(UserError, match="takes 2 operand"):
         Tree.from_json({"data": "mul", "left": {"data": "W"}})
-    with pytest.raises(UserError, match="unknown node 'foo'"):
+    with pytest.raises(UserError, match="unknown operator or terminal 'foo'"):
         Tree.parse("mul(W, foo(G))")
     p = tmp_path / "broken.json"
     p.write_text("{not json")
@@ -102,7 +102,9 @@ def test_height_size_and_sympy_round_trip():
     t = Tree.parse("add(sqrt(W), mul(G, X))")
     assert len(t) == 6 and t.height == 2 and Tree.parse("W").height == 0
     assert Tree.from_sympy(t.to_sympy()) is not None
-    assert Tree.from_sympy(sympy.Integer(3)) is None
+    assert Tree.from_sympy(sympy.Integer(3)) == Tree(["3"])  # a constant of the set
+    assert Tree.from_sympy(sympy.Integer(7)) is None  # not a constant of the set
+    assert Tree.from_sympy(sympy.Symbol("W", positive=True) ** -1) is None
 
 
 def test_x_broadcasts_over_rows():
@@ -121,7 +123,7 @@ def test_x_broadcasts_over_rows():
 def test_deap_conversion_round_trip():
     from prunerzero.primitives.deap_set import primitive_set, to_individual, to_tree
 
-    pset = primitive_set(list(OPERATORS), ["W", "G", "X"])
+    pset = primitive_set(list(OPERATORS), ["W", "G", "X"], ["0.5", "2"])
     tree = Tree.parse("mul(abs(mul(W, W)), mms(G))")
     ind = to_individual(tree, pset)
     assert str(ind) == str(tree) and to_tree(ind) == tree

@@ -16,7 +16,9 @@ from prunerzero.pruning.masks import prune_mask
 from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.commands import run_search
 from prunerzero.search.config import config_from_dict, load_config
-from prunerzero.search.simplify import simplify
+from prunerzero.search.simplify import Simplifier
+
+simplify = Simplifier(ReconstructionEvaluator().same_ranking)
 
 
 def recon_config(tmp_path, **search):

@@ -6,11 +6,16 @@ evaluators); a tree that cannot be evaluated gets :data:`WORST_FITNESS` and a re
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
+
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.equivalence import same_masks, synthetic_probes
+from prunerzero.pruning.masks import Pattern
 
 # Finite so that checkpoints stay strict JSON; far above any perplexity a real metric reaches.
 WORST_FITNESS = 1e12
@@ -28,16 +33,18 @@ class FitnessResult:
     low_fitness: float | None = None  # multi-fidelity: the fitness on the low budget
     estimated: bool | None = None  # multi-fidelity: not promoted; fitness extrapolated from the low budget
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "FitnessResult":
-        return cls(**d)
-
     @classmethod
     def worst(cls, reason: str, seconds: float = 0.0) -> "FitnessResult":
         return cls(WORST_FITNESS, reason=reason, seconds=seconds)
+
+    @classmethod
+    def measured(cls, fitness: float, **kw: Any) -> "FitnessResult":
+        """A measured fitness, or the worst with the reason when it is NaN or infinite: NaN never
+        compares as the worst, so one NaN would survive every selection."""
+        if not math.isfinite(fitness):
+            return cls(WORST_FITNESS, reason=f"the fitness measured was {fitness} (not a finite number)",
+                       mask_key=kw.get("mask_key"), seconds=kw.get("seconds", 0.0))
+        return cls(min(float(fitness), WORST_FITNESS), **kw)
 
 
 def mask_cache_key(mask_key: str, budget: int | None) -> str:
@@ -58,9 +65,22 @@ class Evaluator(ABC):
     model evaluators) to measure on, a prefix of the full set; None means all of them."""
 
     full_budget: int | None = None  # number of fitness units of a full evaluation, when known
+    pattern: str = "unstructured"  # the pattern masks are made with (simplification checks use it)
+    _probes: list[dict[str, torch.Tensor]] | None = None
 
     @abstractmethod
     def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]: ...
+
+    def probe_statistics(self) -> list[dict[str, torch.Tensor]]:
+        """Statistics on which simplifications are checked: realistic synthetic ones by default;
+        evaluators that hold a model give rows of its own."""
+        return synthetic_probes()
+
+    def same_ranking(self, a: Tree, b: Tree) -> bool:
+        """Whether two trees prune alike with this evaluator's pattern (the search's OOS check)."""
+        if self._probes is None:
+            self._probes = self.probe_statistics()
+        return same_masks(a, b, self._probes, Pattern.parse(str(self.pattern)))
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
         """Seed the mask-level cache with fitnesses known from earlier generations (resume)."""

@@ -33,7 +33,8 @@ from prunerzero.pruning.data import joined_tokens
 from prunerzero.pruning.masks import PackedMask, PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.pruning.models import load_model, prunable_linears, resolve_model
 from prunerzero.pruning.perplexity import window_losses
-from prunerzero.pruning.prune import Removed, layer_stats, masked_weights, prune_model, unrankable
+from prunerzero.pruning.equivalence import probes_from_layers
+from prunerzero.pruning.prune import Removed, UnrankableLayer, layer_stats, masked_weights, prune_model, unrankable
 from prunerzero.pruning.stats import (GRADIENT_SCALE, cache_key, collect_activation_norms, load_tensors_mapped,
                                       save_tensors_atomic, stream_gradients)
 
@@ -233,6 +234,8 @@ class ModelFitness:
         with masked_weights(self.model, masks) as applied:
             ppl = self.forward_loss(budget)
         t_end = time.perf_counter()
+        if not np.isfinite(ppl):
+            return FitnessResult.measured(ppl, mask_key=key, seconds=t_end - start)
         self.known_masks[mask_cache_key(key, budget)] = ppl
         # Masks are applied layer by layer inside the forward pass (masked_weights): "forward" is
         # the pass without the time its hooks spent swapping masked weights in and out.
@@ -246,9 +249,22 @@ class ModelFitness:
             prune_model(self.model, "tree", self.settings.sparsity, self.pattern, windows=self.calib_windows,
                         tree=tree, gradients=self.gradients, removed=removed)
             ppl = self.forward_loss(budget)
+        except UnrankableLayer as e:
+            return FitnessResult.worst(str(e), time.perf_counter() - start)
         finally:
             removed.restore(self.model)
-        return FitnessResult(ppl, seconds=time.perf_counter() - start, budget=budget)
+        return FitnessResult.measured(ppl, seconds=time.perf_counter() - start, budget=budget)
+
+    def probe_statistics(self, layers: int = 3) -> list[dict[str, torch.Tensor]]:
+        """Rows of this model's own statistics (first, middle and last prunable layer)."""
+        names = list(self.linears)
+        picks = [names[round(i * (len(names) - 1) / max(1, layers - 1))] for i in range(layers)]
+        chosen = []
+        for name in picks:
+            g = self.gradients.get(name)
+            chosen.append({"W": self.linears[name].weight.detach().abs(), "X": self.activations[name],
+                           "G": None if g is None else g.clone()})
+        return probes_from_layers(chosen)
 
 
 class InProcessEvaluator(Evaluator):
@@ -257,6 +273,10 @@ class InProcessEvaluator(Evaluator):
     def __init__(self, settings: FitnessSettings, run_dir: str | Path, fitness: ModelFitness | None = None):
         self.fitness = fitness or ModelFitness(settings, run_dir)
         self.full_budget = settings.windows
+        self.pattern = settings.pattern
+
+    def probe_statistics(self) -> list[dict[str, torch.Tensor]]:
+        return self.fitness.probe_statistics()
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
         self.fitness.known_masks.update(mask_fitness)

@@ -41,6 +41,7 @@ class MultiFidelityEvaluator(Evaluator):
         if not 0.0 < promote <= 1.0:
             raise UserError(f"multi_fidelity.promote {promote} must be a fraction in (0, 1]")
         self.inner, self.low_budget, self.promote = inner, low_budget, promote
+        self.pattern = inner.pattern
         self.full_budget = full
         self.full_known: dict[str, float] = {}  # mask key -> fitness measured on the full budget
         self.promoted = 0  # mask sets measured on both budgets
@@ -69,7 +70,7 @@ class MultiFidelityEvaluator(Evaluator):
 
         ratios = [full[r.mask_key].fitness / r.fitness for r in low
                   if r.reason is None and r.mask_key in full and full[r.mask_key].reason is None and r.fitness > 0]
-        scale = max(ratios, default=1.0)
+        scale = max((q for q in ratios if math.isfinite(q)), default=1.0)
         out, first = [], set()
         for i, r in enumerate(low):
             f = full.get(r.mask_key) if r.reason is None else None
@@ -89,6 +90,9 @@ class MultiFidelityEvaluator(Evaluator):
         log.info("multi-fidelity: %d trees on %d/%d windows, %d of %d new mask sets promoted to the full budget "
                  "(scale %.3f)", len(trees), self.low_budget, self.full_budget, len(up), len(contenders), scale)
         return out
+
+    def same_ranking(self, a: Tree, b: Tree) -> bool:
+        return self.inner.same_ranking(a, b)
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
         self.full_known.update({k: v for k, v in mask_fitness.items() if is_full_budget_key(k)})

@@ -184,6 +184,7 @@ class RayEvaluator(Evaluator):
     def __init__(self, settings: FitnessSettings, run_dir: str | Path, ray_settings: RaySettings | None = None):
         self.settings = settings
         self.full_budget = settings.windows
+        self.pattern = settings.pattern
         self.run_dir = Path(run_dir)
         self.ray_settings = ray_settings or RaySettings()
         self._slots: list[_Slot] = []

@@ -34,7 +34,7 @@ class ReconstructionEvaluator(Evaluator):
         self.stats = {"W": self.weight.abs(), "G": self.grad, "X": (self.inputs**2).sum(0, keepdim=True)}
         self.target = target
         self.sparsity = sparsity
-        self.pattern = Pattern.parse(pattern)
+        self.pattern = str(Pattern.parse(pattern))
         self.full_budget = tokens // UNIT_TOKENS  # a budget counts blocks of UNIT_TOKENS input rows
         self.calls = 0  # number of trees actually evaluated (tests count cache hits with it)
 
@@ -51,12 +51,12 @@ class ReconstructionEvaluator(Evaluator):
         out = []
         for tree in trees:
             self.calls += 1
-            scores = tree.evaluate(self.stats)
+            scores = tree.evaluate(self.stats, self.weight.shape)
             if bool((scores.amax(dim=1) == scores.amin(dim=1)).all()):
                 out.append(FitnessResult.worst("scores are constant in every row"))
                 continue
-            mask = prune_mask(scores, self.sparsity, self.pattern)
+            mask = prune_mask(scores, self.sparsity, Pattern.parse(self.pattern))
             pruned = self.weight.masked_fill(mask, 0.0)
             err = ((inputs @ pruned.t() - target) ** 2).sum() / (target**2).sum()
-            out.append(FitnessResult(float(err), mask_key=mask_key({"w": mask}), budget=budget))
+            out.append(FitnessResult.measured(float(err), mask_key=mask_key({"w": mask}), budget=budget))
         return out

@@ -8,12 +8,13 @@ formula strings.
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Sequence
 
 from deap import base, gp
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import OPERATORS, TERMINALS
+from prunerzero.primitives.registry import CONSTANTS, OPERATORS, TERMINALS, is_constant
 from prunerzero.primitives.tree import Tree
 
 
@@ -31,29 +32,53 @@ class Individual(gp.PrimitiveTree):
         self.fitness = FitnessMin()
 
 
-def primitive_set(operators: Sequence[str], terminals: Sequence[str]) -> gp.PrimitiveSet:
-    """A DEAP primitive set with exactly these operators and terminals (validated)."""
+def primitive_set(operators: Sequence[str], terminals: Sequence[str], constants: Sequence[str] = ()) -> gp.PrimitiveSet:
+    """A DEAP primitive set with exactly these operators, terminals and constant leaves (validated)."""
     unknown = [o for o in operators if o not in OPERATORS]
     if unknown:
         raise UserError(f"unknown operator(s) {', '.join(unknown)}; known: {', '.join(sorted(OPERATORS))}")
     bad = [t for t in terminals if t not in TERMINALS]
     if bad:
         raise UserError(f"unknown terminal(s) {', '.join(bad)}; known: {', '.join(TERMINALS)}")
+    odd = [c for c in constants if not is_constant(c)]
+    if odd:
+        raise UserError(f"unknown constant(s) {', '.join(map(str, odd))}; known: {', '.join(CONSTANTS)}")
     if not operators or not terminals:
         raise UserError("the search space needs at least one operator and one terminal")
+    if "pow" in operators and not constants:
+        raise UserError("operator pow needs constant exponents: list some in search.constants (e.g. [0.25, 0.5, 2])")
     pset = gp.PrimitiveSet("metric", 0)
     for name in operators:
         op = OPERATORS[name]
         pset.addPrimitive(op.torch_fn, op.arity, name=name)
-    for name in terminals:
+    for name in list(terminals) + list(constants):
         pset.addTerminal(name, name=name)
     return pset
 
 
-def space_fingerprint(operators: Sequence[str], terminals: Sequence[str]) -> str:
+def repair_pow(ind: gp.PrimitiveTree, pset: gp.PrimitiveSet) -> gp.PrimitiveTree:
+    """Give every ``pow`` a constant exponent: a right child that is not a constant leaf is replaced
+    by a constant drawn from the set (with ``random``, so the search stays seeded). Crossover and
+    mutation are untyped in DEAP and may put any subtree there; repairing keeps the rest of the child."""
+    constants = [t for t in pset.terminals[pset.ret] if is_constant(t.name)]
+    i = 0
+    while i < len(ind):
+        if ind[i].name == "pow":
+            right = ind.searchSubtree(i + 1).stop
+            span = ind.searchSubtree(right)
+            if not is_constant(ind[right].name):
+                ind[span] = [random.choice(constants)]
+        i += 1
+    return ind
+
+
+def space_fingerprint(operators: Sequence[str], terminals: Sequence[str], constants: Sequence[str] = ()) -> str:
     """Identity of a search space, including each operator's documented semantics."""
     text = "|".join(f"{o}/{OPERATORS[o].arity}/{OPERATORS[o].protection}" for o in sorted(operators))
-    return hashlib.sha256((text + "|" + ",".join(sorted(terminals))).encode()).hexdigest()[:16]
+    text += "|" + ",".join(sorted(terminals))
+    if constants:  # spaces without constants keep the fingerprint they always had
+        text += "|" + ",".join(sorted(constants))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def to_individual(tree: Tree, pset: gp.PrimitiveSet) -> Individual:

@@ -7,6 +7,13 @@ Semantics follow the reference Pruner-Zero code, which is what the published tre
 ``log(x) = log(|x| + 0.001)``, ``sqrt(x) = sqrt(|x|)``, ``exp`` clamps its input at 100, ``mms`` and
 ``zsn`` are tensor-wide, and ``div(x, y) = x / ||y||`` (the Frobenius norm of the whole tensor y).
 
+Beyond the reference: axis-wise operators normalise an entry against its own output row or input
+column (``rown``, ``coln``: divide by the sum of |values| along the axis; ``rowz``, ``colz``: z-score
+along the axis), which makes RIA expressible; numeric constants (leaves such as ``0.5``) and
+``pow(x, c) = |x| ** c`` with ``c`` a constant leaf. Axis-wise operators see their input broadcast
+to the layer's shape first: a statistic of shape (1, in) such as ``X`` is the same row for every
+output, so ``rown(X)`` is ``X / sum(X)`` in every row and ``coln(X)`` is the constant ``1 / out``.
+
 Protection: the output of every operator that can overflow goes through :func:`finite`, which maps
 NaN to 0 and +-Inf to the largest finite float of the dtype; the others (``bounded=True``) cannot
 leave the finite range on finite input, which :func:`register` checks on extreme probes. Each
@@ -24,11 +31,24 @@ import sympy
 import torch
 
 TERMINALS: tuple[str, ...] = ("W", "G", "X")
-TERMINAL_MEANING = {
-    "W": "|weight| of the linear layer, shape (out, in)",
-    "G": "per-weight l2 norm of the loss gradient over the calibration windows (x100), shape (out, in)",
-    "X": "per-input-feature mean squared activation norm (Wanda's scaler_row), shape (1, in)",
-}
+# Numeric leaves a tree may hold (canonical text). A search draws from the subset its config names
+# (``search.constants``); any of these is accepted in a tree given by a user.
+CONSTANTS: tuple[str, ...] = ("0.1", "0.25", "0.5", "0.75", "1", "1.5", "2", "3", "4")
+
+
+def constant_name(value: float | str) -> str | None:
+    """The canonical text of a numeric leaf (``2.0`` -> ``2``), or None if it is not a number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if v != v or v in (float("inf"), float("-inf")):
+        return None
+    return f"{v:g}"
+
+
+def is_constant(name: str) -> bool:
+    return name in CONSTANTS
 
 LOG_EPS = 0.001
 EXP_CLAMP = 100.0
@@ -48,6 +68,22 @@ class Mms(sympy.Function):
 
 class Zsn(sympy.Function):
     """Z-score normalisation over the whole tensor."""
+
+
+class RowNorm(sympy.Function):
+    """x / sum(|x|) along the output row."""
+
+
+class ColNorm(sympy.Function):
+    """x / sum(|x|) along the input column."""
+
+
+class RowZ(sympy.Function):
+    """z-score along the output row."""
+
+
+class ColZ(sympy.Function):
+    """z-score along the input column."""
 
 
 class InvNorm(sympy.Function):
@@ -80,6 +116,29 @@ def _div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x / norm
 
 
+def _axis_sum_norm(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        # 0 / 0 (an all-zero row) is NaN, which finite() maps to 0
+        return x / x.abs().sum(dim=dim, keepdim=True)
+    return fn
+
+
+def _axis_zscore(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[dim] < 2:
+            return torch.zeros_like(x)
+        std, mean = torch.std_mean(x, dim=dim, keepdim=True)
+        out = (x - mean).div_(std)
+        return out.masked_fill_((std <= 0) | ~torch.isfinite(std), 0.0)
+    return fn
+
+
+def _pow(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    if exponent.numel() == 1:  # a constant leaf: one scalar power is much faster than a tensor one
+        return torch.abs(x).pow_(float(exponent.reshape(())))
+    return torch.abs(x).pow(exponent)
+
+
 @dataclass(frozen=True)
 class Operator:
     """One operator of the search space.
@@ -93,8 +152,8 @@ class Operator:
     torch_fn: Callable[..., torch.Tensor]
     sympy_fn: Callable[..., sympy.Expr]
     protection: str
-    elementwise: bool = True
     bounded: bool = False  # finite input gives finite output, so finite() is not needed
+    axis: int | None = None  # axis-wise operators: the input is broadcast to the layer shape first
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if len(args) != self.arity:
@@ -114,7 +173,7 @@ OPERATORS: dict[str, Operator] = {}
 def register(op: Operator) -> Operator:
     """Add an operator after checking it: unique name, and finite output on zeros, negatives,
     large values and mixed inputs (gplearn's lesson: check an operator when it is registered)."""
-    if op.name in OPERATORS or op.name in TERMINALS:
+    if op.name in OPERATORS or op.name in TERMINALS or is_constant(op.name):
         raise ValueError(f"operator name {op.name!r} is already taken")
     if op.arity not in (1, 2):
         raise ValueError(f"operator {op.name!r}: arity must be 1 or 2, got {op.arity}")
@@ -140,7 +199,6 @@ register(Operator("mul", 2, torch.mul, lambda a, b: a * b, "overflow to Inf clam
 register(Operator(
     "div", 2, _div, lambda a, b: a * InvNorm(b),
     "x / ||y|| (tensor-wide norm, as in the reference); ||y|| = 0 or non-finite returns x",
-    elementwise=False,
 ))
 register(Operator("abs", 1, torch.abs, sympy.Abs, "none needed", bounded=True))
 register(Operator("neg", 1, torch.neg, lambda a: -a, "none needed", bounded=True))
@@ -165,14 +223,31 @@ register(Operator(
 ))
 register(Operator(
     "mms", 1, _mms, Mms, "min-max scale over the whole tensor; a constant tensor gives 0",
-    elementwise=False, bounded=True,
+    bounded=True,
+))
+register(Operator("zsn", 1, _zsn, Zsn, "z-score over the whole tensor (unbiased std); zero std gives 0"))
+register(Operator(
+    "rown", 1, _axis_sum_norm(1), RowNorm,
+    "x / sum(|x|) along its output row (over inputs); an all-zero row gives 0", axis=1,
 ))
 register(Operator(
-    "zsn", 1, _zsn, Zsn, "z-score over the whole tensor (unbiased std); zero std gives 0",
-    elementwise=False,
+    "coln", 1, _axis_sum_norm(0), ColNorm,
+    "x / sum(|x|) along its input column (over outputs); an all-zero column gives 0", axis=0,
+))
+register(Operator(
+    "rowz", 1, _axis_zscore(1), RowZ, "z-score along its output row (unbiased std); zero std gives 0", axis=1,
+))
+register(Operator(
+    "colz", 1, _axis_zscore(0), ColZ, "z-score along its input column (unbiased std); zero std gives 0", axis=0,
+))
+register(Operator(
+    "pow", 2, _pow, lambda a, c: sympy.Abs(a) ** c,
+    "|x| ** c with c a constant leaf (a tree checks this); overflow clamped by finite()",
 ))
 
 # The reference search space (Pruner-Zero's gptree.py, minus its aliases pow=sqr and skp=identity).
 DEFAULT_OPERATORS: tuple[str, ...] = (
     "add", "sub", "mul", "div", "abs", "neg", "sqr", "sqrt", "exp", "log", "tanh", "mms", "zsn",
 )
+# The reference space plus the axis-wise operators (RIA lives here) and pow.
+EXTENDED_OPERATORS: tuple[str, ...] = DEFAULT_OPERATORS + ("rown", "coln", "rowz", "colz", "pow")

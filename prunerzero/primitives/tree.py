@@ -17,7 +17,13 @@ import sympy
 import torch
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import OPERATORS, TERMINALS, InvNorm, Mms, Zsn
+from prunerzero.primitives.registry import (CONSTANTS, OPERATORS, TERMINALS, ColNorm, ColZ, InvNorm, Mms, RowNorm,
+                                            RowZ, Zsn, constant_name, is_constant)
+
+# Caps that keep every walk over a tree cheap and every recursive one (SymPy, JSON) far from
+# Python's recursion limit; a search's own bloat limits are far below them.
+MAX_NODES = 2000
+MAX_HEIGHT = 100
 
 # Statistics are non-negative (|W|, an l2 norm, a mean of squares); telling SymPy so lets it
 # cancel sqrt(x**2) and Abs(x) exactly as the torch semantics do on these inputs.
@@ -28,6 +34,27 @@ def _arity(name: str) -> int:
     return OPERATORS[name].arity if name in OPERATORS else 0
 
 
+def _known(name: str) -> bool:
+    return name in OPERATORS or name in TERMINALS or is_constant(name)
+
+
+def _unknown_message(name: object, where: str) -> str:
+    what = "constant" if constant_name(name) is not None else "operator or terminal"  # type: ignore[arg-type]
+    return (f"unknown {what} {name!r} at {where}; known operators: {', '.join(sorted(OPERATORS))}; "
+            f"terminals: {', '.join(TERMINALS)}; constants: {', '.join(CONSTANTS)}")
+
+
+def _places(nodes: Sequence[str]) -> list[str]:
+    """The place of each prefix node in the tree, in the words of the JSON format (``root.left``)."""
+    places, pending = [], ["root"]
+    for name in nodes:
+        where = pending.pop()
+        places.append(where)
+        k = _arity(name)
+        pending.extend(reversed([f"{where}.left", f"{where}.right"][:k]))
+    return places
+
+
 class Tree:
     """An immutable expression tree stored as a prefix tuple of operator and terminal names."""
 
@@ -35,19 +62,42 @@ class Tree:
 
     def __init__(self, nodes: Iterable[str]):
         nodes = tuple(nodes)
+        if len(nodes) > MAX_NODES:
+            raise UserError(f"tree has {len(nodes)} nodes, more than the {MAX_NODES} allowed")
         need = 1
         for i, name in enumerate(nodes):
-            if name not in OPERATORS and name not in TERMINALS:
-                raise UserError(
-                    f"unknown node {name!r} at position {i} of the tree; known operators: "
-                    f"{', '.join(sorted(OPERATORS))}; terminals: {', '.join(TERMINALS)}"
-                )
+            if not isinstance(name, str) or not _known(name):
+                raise UserError(_unknown_message(name, f"position {i} of the tree"))
             if need == 0:
-                raise UserError(f"tree has extra nodes after position {i - 1}: {' '.join(nodes)}")
+                raise UserError(f"tree has extra nodes after position {i - 1}: {_short(nodes)}")
             need += _arity(name) - 1
         if need != 0 or not nodes:
-            raise UserError(f"tree is incomplete (missing {need} operand(s)): {' '.join(nodes)}")
+            raise UserError(f"tree is incomplete (missing {need} operand(s)): {_short(nodes)}")
         object.__setattr__(self, "nodes", nodes)
+        if self.height > MAX_HEIGHT:
+            raise UserError(f"tree is {self.height} levels deep, more than the {MAX_HEIGHT} allowed")
+        places = None
+        for i, name in enumerate(nodes):
+            # pow's exponent must be a constant leaf: |x| ** y for a tensor y is not in the space
+            if name == "pow" and not is_constant(nodes[self._right_child(i)]):
+                places = places or _places(nodes)
+                raise UserError(f"pow at {places[i]} needs a constant exponent (one of {', '.join(CONSTANTS)}), "
+                                f"got {self.subtree(self._right_child(i))}")
+
+    def _right_child(self, i: int) -> int:
+        """Index of the right child of the binary node at prefix index i."""
+        return self._end(i + 1)
+
+    def _end(self, i: int) -> int:
+        """Index just past the subtree that starts at prefix index i."""
+        need = 1
+        while need:
+            need += _arity(self.nodes[i]) - 1
+            i += 1
+        return i
+
+    def subtree(self, i: int) -> "Tree":
+        return Tree(self.nodes[i:self._end(i)])
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("Tree is immutable")
@@ -79,6 +129,10 @@ class Tree:
     @property
     def terminals(self) -> set[str]:
         return {n for n in self.nodes if n in TERMINALS}
+
+    @property
+    def constants(self) -> set[str]:
+        return {n for n in self.nodes if is_constant(n)}
 
     @property
     def operators(self) -> set[str]:
@@ -123,25 +177,36 @@ class Tree:
 
     @classmethod
     def parse(cls, text: str) -> "Tree":
-        """Parse ``mul(abs(W), sqrt(X))``. Only names, parentheses and commas are accepted."""
-        tokens = re.findall(r"[A-Za-z_][A-Za-z_0-9]*|[(),]|\S", text)
+        """Parse ``mul(abs(W), pow(X, 0.25))``. Only names, numbers, parentheses and commas are accepted."""
+        if not isinstance(text, str):
+            raise UserError(f"a formula must be text, got {type(text).__name__}")
+        tokens = re.findall(r"[A-Za-z_][A-Za-z_0-9]*|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+|[(),]|\S", text)
         nodes: list[str] = []
+        shape: list[str] = []  # the formula with every name and number replaced by its canonical text
         for tok in tokens:
             if tok in "(),":
+                shape.append(tok)
                 continue
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*", tok):
-                raise UserError(f"unexpected character {tok!r} in formula {text!r}")
-            nodes.append(tok)
+            if re.fullmatch(r"[A-Za-z_][A-Za-z_0-9]*", tok):
+                name = tok
+            elif constant_name(tok) is not None:
+                name = constant_name(tok)
+                if not is_constant(name):
+                    raise UserError(_unknown_message(tok, f"position {len(nodes)} of formula {_short(text)!r}"))
+            else:
+                raise UserError(f"unexpected character {tok!r} in formula {_short(text)!r}")
+            nodes.append(name)
+            shape.append(name)
         tree = cls(nodes)
-        if re.sub(r"\s", "", str(tree)) != re.sub(r"\s", "", text):
-            raise UserError(f"formula {text!r} is not well formed; expected e.g. mul(abs(W), sqrt(X))")
+        if re.sub(r"\s", "", str(tree)) != "".join(shape):
+            raise UserError(f"formula {_short(text)!r} is not well formed; expected e.g. mul(abs(W), sqrt(X))")
         return tree
 
     # ---------------------------------------------------------------- Pruner-Zero JSON
     def to_json(self) -> dict[str, Any]:
         def enc(n: Any) -> dict[str, Any]:
             if isinstance(n, str):
-                return {"data": n}
+                return {"data": float(n) if is_constant(n) else n}
             d: dict[str, Any] = {"data": n[0], "left": enc(n[1])}
             if len(n) > 2:
                 d["right"] = enc(n[2])
@@ -154,14 +219,16 @@ class Tree:
         """Read the Pruner-Zero format; errors name the offending node's place (``root.left``)."""
 
         def dec(d: Any, where: str) -> Any:
+            if where.count(".") > MAX_HEIGHT:
+                raise UserError(f"tree is more than {MAX_HEIGHT} levels deep at {where[:40]}...")
             if not isinstance(d, Mapping) or "data" not in d:
-                raise UserError(f"tree node at {where} must be an object with a 'data' key, got {d!r}")
+                raise UserError(f"tree node at {where} must be an object with a 'data' key, got {_short(repr(d))}")
             name = d["data"]
-            if name not in OPERATORS and name not in TERMINALS:
-                raise UserError(
-                    f"unknown operator or terminal {name!r} at {where}; known operators: "
-                    f"{', '.join(sorted(OPERATORS))}; terminals: {', '.join(TERMINALS)}"
-                )
+            if isinstance(name, (int, float)) and not isinstance(name, bool):
+                name = constant_name(name)
+            if not isinstance(name, str) or not _known(name):
+                raise UserError(_unknown_message(d["data"] if isinstance(d["data"], (str, int, float)) else
+                                                 _short(repr(d["data"])), where))
             k = _arity(name)
             children = [c for c in ("left", "right") if d.get(c) is not None]
             expected = ["left", "right"][:k]
@@ -178,19 +245,32 @@ class Tree:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tree":
+        """A tree file: a bare Pruner-Zero tree, or an export / shipped file ``{"trees": [{"tree": ...}]}``
+        (the first, best, tree is taken)."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"tree file {path} is a directory; give a JSON file (e.g. runs/NAME/export.json)")
         if not path.is_file():
             raise UserError(f"tree file {path} does not exist")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"tree file {path} is not text (UTF-8 JSON expected)") from None
         except json.JSONDecodeError as e:
             raise UserError(f"tree file {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-        # Our export files wrap trees in {"trees": [{"tree": ...}, ...]}; take the best one.
+        except RecursionError:
+            raise UserError(f"tree file {path} is nested too deeply (a tree may be {MAX_HEIGHT} levels deep)") from None
         if isinstance(data, Mapping) and "trees" in data and "data" not in data:
-            if not data["trees"]:
-                raise UserError(f"tree file {path} holds no trees")
-            data = data["trees"][0]["tree"]
-        return cls.from_json(data)
+            trees = data["trees"]
+            if not isinstance(trees, list) or not trees:
+                raise UserError(f"tree file {path}: 'trees' must be a non-empty list of {{\"tree\": ...}} records")
+            if not isinstance(trees[0], Mapping) or "tree" not in trees[0]:
+                raise UserError(f"tree file {path}: trees[0] must be an object with a 'tree' key")
+            data = trees[0]["tree"]
+        try:
+            return cls.from_json(data)
+        except UserError as e:
+            raise UserError(f"tree file {path}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -206,14 +286,20 @@ class Tree:
         if shape is None:
             shape = torch.broadcast_shapes(*(t.shape for t in stats.values()))
         shape = torch.Size(shape)
+        dtype = next(iter(stats.values())).dtype if stats else torch.float32
+        device = next(iter(stats.values())).device if stats else None
         stack: list[torch.Tensor] = []
         for name in reversed(self.nodes):
             if name in TERMINALS:
                 stack.append(stats[name])
+            elif is_constant(name):
+                stack.append(torch.tensor(float(name), dtype=dtype, device=device))
             else:
                 op = OPERATORS[name]
                 args = [stack.pop() for _ in range(op.arity)]
-                if op.arity == 2:
+                if op.axis is not None:  # broadcast first: X of shape (1, in) is the same row for every output
+                    args = [a.expand(shape) for a in args]
+                elif op.arity == 2 and name != "pow":
                     args = list(torch.broadcast_tensors(*args))
                 stack.append(op(*args))
         out = stack[0]
@@ -225,6 +311,8 @@ class Tree:
         for name in reversed(self.nodes):
             if name in TERMINALS:
                 stack.append(SYMBOLS[name])
+            elif is_constant(name):
+                stack.append(sympy.nsimplify(name))
             else:
                 op = OPERATORS[name]
                 stack.append(op.sympy_fn(*[stack.pop() for _ in range(op.arity)]))
@@ -233,11 +321,16 @@ class Tree:
     @classmethod
     def from_sympy(cls, expr: sympy.Expr) -> "Tree | None":
         """Rebuild a tree from a SymPy expression; None where the operator set cannot express it
-        (numeric constants other than -1 and 2, negative powers, ...)."""
+        (numbers outside the constants, negative powers, ...)."""
         try:
             return cls._from_nested(_sympy_to_nested(expr))
-        except _Inexpressible:
+        except (_Inexpressible, UserError, RecursionError):
             return None
+
+
+def _short(text: Any, limit: int = 120) -> str:
+    text = text if isinstance(text, str) else " ".join(map(str, text))
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 class _Inexpressible(Exception):
@@ -254,9 +347,23 @@ def _chain(op: str, parts: list[Any]) -> Any:
     return out
 
 
+def _constant(e: sympy.Expr) -> str:
+    if not e.is_Number:
+        raise _Inexpressible(e)
+    name = constant_name(float(e))
+    if name is None or not is_constant(name):
+        raise _Inexpressible(e)
+    return name
+
+
+_AXIS_FUNCTIONS = {RowNorm: "rown", ColNorm: "coln", RowZ: "rowz", ColZ: "colz", Mms: "mms", Zsn: "zsn"}
+
+
 def _sympy_to_nested(e: sympy.Expr) -> Any:
     if e in _BY_SYMBOL:
         return _BY_SYMBOL[e]
+    if e.is_Number:
+        return _constant(e)
     if isinstance(e, sympy.Add):
         pos, neg = [], []
         for term in e.as_ordered_terms():
@@ -276,7 +383,7 @@ def _sympy_to_nested(e: sympy.Expr) -> Any:
         if coeff == -1:
             return ("neg", _sympy_to_nested(rest))
         if coeff != 1:
-            raise _Inexpressible(e)
+            return ("mul", _constant(coeff), _sympy_to_nested(rest))
         factors = list(sympy.Mul.make_args(e))
         norms = [f for f in factors if isinstance(f, InvNorm)]
         others = [f for f in factors if not isinstance(f, InvNorm)]
@@ -303,7 +410,7 @@ def _sympy_to_nested(e: sympy.Expr) -> Any:
             return ("mul", b, ("sqrt", b))
         if ex == sympy.Rational(1, 4):
             return ("sqrt", ("sqrt", b))
-        raise _Inexpressible(e)
+        return ("pow", b, _constant(ex))
     if isinstance(e, sympy.Abs):
         return ("abs", _sympy_to_nested(e.args[0]))
     if isinstance(e, sympy.log):
@@ -314,8 +421,7 @@ def _sympy_to_nested(e: sympy.Expr) -> Any:
         return ("exp", _sympy_to_nested(e.args[0]))
     if isinstance(e, sympy.tanh):
         return ("tanh", _sympy_to_nested(e.args[0]))
-    if isinstance(e, Mms):
-        return ("mms", _sympy_to_nested(e.args[0]))
-    if isinstance(e, Zsn):
-        return ("zsn", _sympy_to_nested(e.args[0]))
+    for fn, name in _AXIS_FUNCTIONS.items():
+        if isinstance(e, fn):
+            return (name, _sympy_to_nested(e.args[0]))
     raise _Inexpressible(e)

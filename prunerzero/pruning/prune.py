@@ -1,6 +1,8 @@
-"""Pruning methods: magnitude, wanda, sparsegpt and any symbolic tree, over one mask routine.
+"""Pruning methods: magnitude, wanda, ria, sparsegpt and any symbolic tree, over one mask routine.
 
-Scores come from a method (or a tree) per linear layer; :func:`prune_mask` turns them into masks;
+Scores come from a known metric's tree (wanda, ria: :mod:`prunerzero.primitives.known`) or a
+user's tree per linear layer; ``magnitude`` ranks |W| over the whole layer, as the reference
+``prune_magnitude`` of Wanda and Pruner-Zero does (the tree ``abs(W)`` ranks per row, like every tree); :func:`prune_mask` turns them into masks;
 weights under the mask are set to zero. Methods that need activations (wanda, trees using ``X``,
 sparsegpt) walk the decoder block by block with :func:`iterate_blocks`, as the reference code does:
 each block sees the outputs of the already pruned blocks before it.
@@ -19,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunerzero.errors import UserError
+from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
@@ -27,10 +30,9 @@ from prunerzero.pruning.models import prunable_linears
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "tree")
-WANDA_TREE = Tree.parse("mul(abs(W), sqrt(X))")
-MAGNITUDE_TREE = Tree.parse("abs(W)")
-PRUNER_ZERO_TREE = Tree.parse("mul(abs(mul(W, W)), mms(G))")
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "tree")
+# Methods whose scores are a known metric's tree, ranked per output row (or N:M group).
+TREE_METHODS = ("wanda", "ria")
 
 # A score function gets the layer's name, |W| and the statistics it may use (X of shape (1, in),
 # G of shape (out, in)) and returns a score tensor of W's shape.
@@ -38,16 +40,23 @@ ScoreFn = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def tree_score(tree: Tree) -> ScoreFn:
-    return lambda _name, stats: tree.evaluate(stats)
+    return lambda _name, stats: tree.evaluate(stats, stats["W"].shape if "W" in stats else None)
 
 
-def magnitude_score(_name: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    return stats["W"]
+def method_tree(method: str, tree: Tree | None = None) -> Tree | None:
+    """The tree whose scores a method ranks: the user's for ``tree``, the known metric's for wanda
+    and ria, |W| for magnitude; None for sparsegpt (which scores inside its own update)."""
+    if method == "tree":
+        return tree
+    if method in TREE_METHODS or method == "magnitude":
+        return KNOWN_METRICS[method].tree
+    return None
 
 
-def wanda_score(_name: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    # Wanda's metric as written in its paper and code: |W| * sqrt(scaler_row).
-    return stats["W"] * torch.sqrt(stats["X"])
+def comparison_group(method: str) -> str:
+    """Where scores are compared for unstructured sparsity: the whole layer for magnitude (the
+    reference ``prune_magnitude``), each output row for every other method."""
+    return "tensor" if method == "magnitude" else "row"
 
 
 @dataclass
@@ -93,13 +102,28 @@ def score_masks(
     pattern: Pattern,
     activations: Mapping[str, torch.Tensor] | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
+    group: str = "row",
 ) -> dict[str, torch.Tensor]:
     """Masks of every prunable layer from statistics computed beforehand (no calibration pass)."""
     masks = {}
     for name, lin in prunable_linears(model).items():
         s = score(name, layer_stats(lin.weight, _get(activations, name), _get(gradients, name)))
-        masks[name] = prune_mask(s, sparsity, pattern)
+        masks[name] = layer_mask(name, s, sparsity, pattern, group)
     return masks
+
+
+class UnrankableLayer(UserError):
+    """A metric's scores cannot rank a layer's weights (NaN/Inf, or constant in every row)."""
+
+
+def layer_mask(name: str, scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "row") -> torch.Tensor:
+    """A layer's mask from its scores; a layer whose scores cannot rank its weights is refused,
+    naming the layer (pruning it would pick weights by position, not by the metric)."""
+    why = unrankable(scores)
+    if why is not None:
+        raise UnrankableLayer(f"the metric cannot rank the weights of {name}: {why}; a metric must vary within "
+                        "each output row (a tree that simplifies to a constant prunes by position)")
+    return prune_mask(scores, sparsity, pattern, group=group)
 
 
 def _get(stats: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
@@ -276,9 +300,11 @@ def prune_model(
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "tree" and tree is None:
         raise UserError("method tree needs a tree: --tree FILE.json (or --tree pruner-zero)")
-    # sparsegpt chooses its own masks inside sparsegpt_prune; the others rank by a score
-    score: ScoreFn = tree_score(tree) if method == "tree" else {"wanda": wanda_score}.get(method, magnitude_score)
-    needs = {"magnitude": {"W"}, "wanda": {"W", "X"}, "sparsegpt": {"W", "H"}, "tree": tree.terminals if tree else set()}[method]
+    # sparsegpt chooses its own masks inside sparsegpt_prune; the others rank by a tree's scores
+    scored = method_tree(method, tree)
+    score: ScoreFn = tree_score(scored) if scored is not None else (lambda _n, _s: _s["W"])
+    group = comparison_group(method)
+    needs = {"W", "H"} if method == "sparsegpt" else scored.terminals | {"W"}
     if removed is not None and method == "sparsegpt":
         raise ValueError("sparsegpt changes the weights it keeps; it cannot be undone from what it removed")
     if "G" in needs and gradients is None:
@@ -297,7 +323,7 @@ def prune_model(
                     lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, sparsity, pattern)
                 else:
                     s = score(name, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)))
-                    mask = prune_mask(s, sparsity, pattern)
+                    mask = layer_mask(name, s, sparsity, pattern, group)
                     if removed is not None:
                         removed.zero(name, lin.weight.data, mask)
                     else:
@@ -308,7 +334,7 @@ def prune_model(
                        progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
         bar.close()
     else:
-        masks = score_masks(model, score, sparsity, pattern, activations, gradients)
+        masks = score_masks(model, score, sparsity, pattern, activations, gradients, group)
         if removed is not None:
             linears = prunable_linears(model)
             for name, mask in masks.items():

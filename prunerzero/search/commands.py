@@ -45,8 +45,11 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
         if cfg.fitness.multi_fidelity is not None:  # estimated fitnesses depend on it
             mf = cfg.fitness.multi_fidelity
             fit["multi_fidelity"] = {"low_windows": mf.low_windows, "promote": mf.promote}
-    return {"space": {"operators": sorted(s.operators), "terminals": sorted(s.terminals),
-                      "semantics": space_fingerprint(s.operators, s.terminals)},
+    space = {"operators": sorted(s.operators), "terminals": sorted(s.terminals),
+             "semantics": space_fingerprint(s.operators, s.terminals, s.constants)}
+    if s.constants:  # runs without constants keep the fingerprint they were written with
+        space["constants"] = sorted(s.constants, key=float)
+    return {"space": space,
             "fitness": fit, "algorithm": s.algorithm, "seed": cfg.seed}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import DEFAULT_OPERATORS, OPERATORS, TERMINALS
+from prunerzero.primitives.registry import CONSTANTS, DEFAULT_OPERATORS, OPERATORS, TERMINALS, constant_name, is_constant
 from prunerzero.pruning.masks import Pattern, check_sparsity
 
 
@@ -62,6 +62,7 @@ class SearchSection:
     generations: int = 10
     operators: list = field(default_factory=lambda: list(DEFAULT_OPERATORS))
     terminals: list = field(default_factory=lambda: list(TERMINALS))
+    constants: list = field(default_factory=list)  # numeric leaves (and pow exponents), e.g. [0.25, 0.5, 2]
     init_min_depth: int = 1
     init_max_depth: int = 3
     tournament_size: int = 3
@@ -116,6 +117,15 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list:
+        if where.endswith(".constants"):
+            if not isinstance(value, list) or not all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                                                      for v in value):
+                raise UserError(f"{where} must be a list of numbers, got {value!r}")
+            names = [constant_name(v) for v in value]
+            bad = [v for v, n in zip(value, names) if n is None or not is_constant(n)]
+            if bad:
+                raise UserError(f"{where}: unknown constant(s) {', '.join(map(str, bad))}; known: {', '.join(CONSTANTS)}")
+            return names
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{where} must be a list of names, got {value!r}")
         return value
@@ -207,6 +217,11 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise UserError(f"search.terminals must be a non-empty subset of {', '.join(TERMINALS)}, got {s.terminals}")
     if len(set(s.operators)) != len(s.operators) or len(set(s.terminals)) != len(s.terminals):
         raise UserError("search.operators and search.terminals must not repeat names")
+    if len(set(s.constants)) != len(s.constants):
+        raise UserError("search.constants must not repeat values")
+    if "pow" in s.operators and not s.constants:
+        raise UserError("search.operators has pow, which needs constant exponents: list some in search.constants "
+                        "(e.g. [0.25, 0.5, 2]) or drop pow")
     if not cfg.name or "/" in cfg.name:
         raise UserError(f"name must be a plain folder name, got {cfg.name!r}")
     return cfg

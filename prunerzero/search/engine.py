@@ -28,18 +28,14 @@ from typing import Any, Callable, Iterator, Sequence
 from deap import base, gp, tools
 
 from prunerzero.fitness.base import WORST_FITNESS, Evaluator
-from prunerzero.primitives.deap_set import Individual, primitive_set, to_individual, to_tree
+from prunerzero.primitives.deap_set import Individual, primitive_set, repair_pow, to_individual, to_tree
+from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.search.config import SearchSection
-from prunerzero.search.simplify import simplify
+from prunerzero.search.simplify import Simplifier, symbolic_key
 
 log = logging.getLogger(__name__)
 
-KNOWN_METRICS = {
-    "magnitude": "abs(W)",
-    "wanda": "mul(abs(W), sqrt(X))",
-    "pruner-zero": "mul(abs(mul(W, W)), mms(G))",
-}
 
 
 @dataclass
@@ -69,7 +65,12 @@ class SearchState:
         return state
 
     def fitness_of(self, formula: str) -> float:
-        return self.cache[simplify(Tree.parse(formula)).key]["fitness"]
+        """The fitness of a population member (a tree as it was evaluated, after OOS)."""
+        index = {r["tree"]: r for r in self.cache.values()}
+        record = index.get(formula) or self.cache.get(symbolic_key(Tree.parse(formula)))
+        if record is None:
+            raise KeyError(formula)
+        return record["fitness"]
 
     def hall_of_fame(self, k: int) -> list[dict[str, Any]]:
         """The best k distinct metrics ever evaluated (ties: smaller tree, then formula)."""
@@ -107,7 +108,8 @@ class GeneticSearch:
         self.seed = seed
         self.state = state or SearchState()
         self.on_generation = on_generation
-        self.pset = primitive_set(params.operators, params.terminals)
+        self.pset = primitive_set(params.operators, params.terminals, params.constants)
+        self.simplify = Simplifier(evaluator.same_ranking, params.max_height, params.max_size, set(self.pset.mapping))
         tb = base.Toolbox()
         tb.register("expr", gp.genHalfAndHalf, pset=self.pset, min_=params.init_min_depth, max_=params.init_max_depth)
         tb.register("select", tools.selTournament, tournsize=params.tournament_size)
@@ -118,14 +120,20 @@ class GeneticSearch:
         for name in ("mate", "mut_subtree", "mut_node"):
             tb.decorate(name, gp.staticLimit(key=operator.attrgetter("height"), max_value=params.max_height))
             tb.decorate(name, gp.staticLimit(key=len, max_value=params.max_size))
+            tb.decorate(name, self._repairing)  # after the limits: a repair only shrinks a tree
         self.tb = tb
+
+    def _repairing(self, fn: Callable[..., tuple]) -> Callable[..., tuple]:
+        def wrapped(*args: Any, **kw: Any) -> tuple:
+            return tuple(repair_pow(ind, self.pset) for ind in fn(*args, **kw))
+        return wrapped
 
     # ------------------------------------------------------------------ evaluation with caches
     def evaluate(self, trees: Sequence[Tree], generation: int) -> list[str]:
         """Simplify, look up, evaluate what is new; returns the canonical key of each tree."""
         keys, todo = [], {}
         for tree in trees:
-            s = simplify(tree)
+            s = self.simplify(tree)
             keys.append(s.key)
             if s.key in self.state.cache or s.key in todo:
                 self.state.counters["formula_cache_hits"] += 1
@@ -138,7 +146,11 @@ class GeneticSearch:
         if todo:
             results = self.evaluator.evaluate(list(todo.values()))
             for (key, tree), res in zip(todo.items(), results):
-                record = {"tree": str(tree), "fitness": float(res.fitness), "generation": generation}
+                fitness = float(res.fitness)
+                if not fitness == fitness or fitness > WORST_FITNESS:  # NaN or beyond the worst: an evaluator bug
+                    res.reason = res.reason or f"fitness {fitness} is not a finite number"
+                    fitness = WORST_FITNESS
+                record = {"tree": str(tree), "fitness": fitness, "generation": generation}
                 if res.reason:
                     record["reason"] = res.reason
                     self.state.counters["degenerate"] += 1
@@ -159,7 +171,7 @@ class GeneticSearch:
         return keys
 
     def _simplified(self, ind: Individual) -> Individual:
-        s = simplify(to_tree(ind))
+        s = self.simplify(to_tree(ind))
         if s.changed and all(n in self.pset.mapping for n in s.tree.nodes):
             self.state.counters["simplified"] += 1
             ind = to_individual(s.tree, self.pset)
@@ -181,7 +193,7 @@ class GeneticSearch:
         """OOS, then regenerate a child that is a copy of a parent or of anything evaluated."""
         child = self._simplified(child)
         for _ in range(self.p.regenerate_attempts):
-            key = simplify(to_tree(child)).key
+            key = self.simplify(to_tree(child)).key
             if key not in parent_keys and key not in self.state.cache:
                 break
             self.state.counters["regenerated"] += 1
@@ -193,15 +205,16 @@ class GeneticSearch:
     def _initial(self) -> list[Individual]:
         pop: list[Individual] = []
         if self.p.seed_known_metrics:
-            for formula in KNOWN_METRICS.values():
-                tree = Tree.parse(formula)
-                if tree.terminals <= set(self.p.terminals) and tree.operators <= set(self.p.operators):
+            for metric in KNOWN_METRICS.values():
+                tree = metric.tree
+                if (tree.terminals <= set(self.p.terminals) and tree.operators <= set(self.p.operators)
+                        and tree.constants <= set(self.p.constants)):
                     pop.append(to_individual(tree, self.pset))
-        seen = {simplify(to_tree(i)).key for i in pop}
+        seen = {self.simplify(to_tree(i)).key for i in pop}
         attempts = 0
         while len(pop) < self.p.population:
-            ind = self._simplified(Individual(self.tb.expr()))
-            key = simplify(to_tree(ind)).key
+            ind = self._simplified(repair_pow(Individual(self.tb.expr()), self.pset))
+            key = self.simplify(to_tree(ind)).key
             attempts += 1
             if key in seen and attempts < 50 * self.p.population:
                 continue  # diversity: distinct metrics first, duplicates only if the space is tiny
@@ -222,7 +235,7 @@ class GeneticSearch:
                 for c in pair:
                     c.varied = True
             out.extend(pair)
-        parent_keys = {simplify(to_tree(i)).key for i in pop}
+        parent_keys = {self.simplify(to_tree(i)).key for i in pop}
         children, new = [], []
         for child in out:
             if random.random() < self.p.mutation_prob:
@@ -239,7 +252,7 @@ class GeneticSearch:
         self._assign(pop)
         ranked = sorted(pop, key=lambda i: (i.fitness.values[0], len(i), str(i)))
         top = ranked[: self.p.top_k]
-        parent_keys = {simplify(to_tree(i)).key for i in pop}
+        parent_keys = {self.simplify(to_tree(i)).key for i in pop}
         children = []
         for _ in range(self.p.steps_per_generation):
             a, b = random.sample(top, 2)
@@ -254,7 +267,7 @@ class GeneticSearch:
 
     def _assign(self, pop: Sequence[Individual]) -> None:
         for ind in pop:
-            ind.fitness.values = (self.state.cache[simplify(to_tree(ind)).key]["fitness"],)
+            ind.fitness.values = (self.state.cache[self.simplify(to_tree(ind)).key]["fitness"],)
 
     def run(self, generations: int) -> SearchState:
         """Run until ``generations`` generations after the initial one are complete."""
@@ -287,7 +300,7 @@ class GeneticSearch:
             "best_tree": best[0]["tree"] if best else None,
             "population_best": min(finite) if finite else None,
             "median": statistics.median(finite) if finite else None,
-            "unique_in_population": len({simplify(Tree.parse(f)).key for f in self.state.population}),
+            "unique_in_population": len({self.simplify(Tree.parse(f)).key for f in self.state.population}),
             "unique_evaluated": len(self.state.cache),
             **{f"{k}_this_gen": c[k] - before.get(k, 0) for k in c},
             **{f"{k}_total": v for k, v in c.items()},

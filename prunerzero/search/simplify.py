@@ -1,23 +1,25 @@
 """Opposing-operation simplification (OOS) with SymPy, and the canonical form that keys the cache.
 
-A tree goes to SymPy, where automatic evaluation cancels opposing operations (``exp(log x)``,
-``log(exp x)``, ``sqrt(x**2)``, ``(sqrt x)**2``, ``-(-x)``, ``|(|x|)|``, ``x - x``, ...) and sorts
-commutative arguments; the result comes back as a tree where the operator set can express it.
-Because the protected torch operators differ from their SymPy images in corners (``log`` adds
-0.001, ``exp`` clamps), every simplification is then checked numerically: the simplified tree
-must induce the same masks as the original on probe statistics, or it is refused.
+A tree goes to SymPy, where automatic evaluation cancels opposing operations wherever they sit
+(``exp(log x)``, ``log(exp x)``, ``sqrt(x**2)``, ``(sqrt x)**2``, ``-(-x)``, ``|(|x|)|``, ``x - x``,
+...) and sorts commutative arguments; the result comes back as a tree where the operator set can
+express it. Because the protected torch operators differ from their SymPy images in corners, every
+simplification is checked by a ``same_ranking`` function the evaluator provides (the search knows
+no masks): the simplified tree must prune like the original on statistics of realistic scale with
+the run's pattern, or it is refused. A simplified tree is used only if it fits the run's bloat limits
+(``max_height``, ``max_size``) and its primitive set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Callable, Collection
 
 import sympy
-import torch
 
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.masks import prune_mask
+
+SameRanking = Callable[[Tree, Tree], bool]
 
 
 @dataclass(frozen=True)
@@ -28,38 +30,42 @@ class Simplified:
     constant: bool  # the metric is a constant: it cannot rank weights
 
 
-def _probes() -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1234)
-    out = []
-    for rows, cols in ((16, 64), (8, 128)):
-        w = torch.randn(rows, cols, generator=gen).abs()
-        g = torch.randn(rows, cols, generator=gen).abs() * 0.05 + 1e-4
-        x = torch.rand(1, cols, generator=gen) * 4 + 1e-3
-        out.append({"W": w, "G": g, "X": x})
-    return out
+def symbolic_key(tree: Tree) -> str:
+    """The canonical key of a tree's SymPy form (what the cache uses for every accepted simplification)."""
+    return f"sympy:{sympy.srepr(tree.to_sympy())}"
 
 
-_PROBES = _probes()
+class Simplifier:
+    """OOS for one run: its equivalence check, bloat limits and primitive set; results are cached."""
 
+    def __init__(self, same_ranking: SameRanking | None = None, max_height: int | None = None,
+                 max_size: int | None = None, allowed: Collection[str] | None = None):
+        self.same_ranking = same_ranking
+        self.max_height, self.max_size = max_height, max_size
+        self.allowed = set(allowed) if allowed is not None else None
+        self._cache: dict[Tree, Simplified] = {}
 
-def same_masks(a: Tree, b: Tree, sparsities: tuple[float, ...] = (0.3, 0.5, 0.7)) -> bool:
-    """Do two trees prune the same weights on the probe statistics (row-wise ranking)?"""
-    for stats in _PROBES:
-        sa, sb = a.evaluate(stats), b.evaluate(stats)
-        for s in sparsities:
-            if not torch.equal(prune_mask(sa, s), prune_mask(sb, s)):
-                return False
-    return True
+    def fits(self, tree: Tree) -> bool:
+        return ((self.max_height is None or tree.height <= self.max_height)
+                and (self.max_size is None or len(tree) <= self.max_size)
+                and (self.allowed is None or set(tree.nodes) <= self.allowed))
 
+    def __call__(self, tree: Tree) -> Simplified:
+        hit = self._cache.get(tree)
+        if hit is None:
+            hit = self._cache[tree] = self._simplify(tree)
+        return hit
 
-@lru_cache(maxsize=100_000)
-def simplify(tree: Tree) -> Simplified:
-    expr = tree.to_sympy()
-    constant = not expr.free_symbols or isinstance(expr, sympy.Number)
-    candidate = Tree.from_sympy(expr)
-    if candidate is not None and candidate != tree and len(candidate) <= len(tree) and same_masks(tree, candidate):
-        return Simplified(candidate, f"sympy:{sympy.srepr(expr)}", True, constant)
-    if candidate is not None and candidate == tree:
-        return Simplified(tree, f"sympy:{sympy.srepr(expr)}", False, constant)
-    # Not expressible, or not provably mask-preserving: keep the tree, keyed by its own text.
-    return Simplified(tree, f"tree:{tree}", False, constant)
+    def _simplify(self, tree: Tree) -> Simplified:
+        expr = tree.to_sympy()
+        constant = not expr.free_symbols
+        key = f"sympy:{sympy.srepr(expr)}"  # = symbolic_key(tree)
+        candidate = Tree.from_sympy(expr)
+        if candidate == tree:
+            return Simplified(tree, key, False, constant)
+        if candidate is None or self.same_ranking is None or not self.same_ranking(tree, candidate):
+            # Not expressible, or not mask-preserving: keep the tree, keyed by its own text.
+            return Simplified(tree, f"tree:{tree}", False, constant)
+        if len(candidate) <= len(tree) and self.fits(candidate):
+            return Simplified(candidate, key, True, constant)
+        return Simplified(tree, key, False, constant)  # the same metric, but its simpler form breaks a limit

@@ -1,0 +1,73 @@
+"""The one registry of known metrics: name -> tree, with where it comes from.
+
+Used by ``prune --method``, ``--tree NAME``, the search's seeding (``seed_known_metrics``), the
+held-out evaluation and the report, so a known metric is defined once. Every tree here ranks per
+output row (or per N:M group), like any tree; ``prune --method magnitude`` alone ranks over the
+whole layer, as the reference code's ``prune_magnitude`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunerzero.errors import UserError
+from prunerzero.primitives.registry import TERMINALS
+from prunerzero.primitives.tree import Tree
+
+
+@dataclass(frozen=True)
+class KnownMetric:
+    name: str
+    formula: str
+    source: str
+
+    @property
+    def tree(self) -> Tree:
+        return Tree.parse(self.formula)
+
+
+KNOWN_METRICS: dict[str, KnownMetric] = {m.name: m for m in (
+    KnownMetric("magnitude", "abs(W)", "Han et al. 2015 (|W|)"),
+    KnownMetric("wanda", "mul(abs(W), sqrt(X))", "Sun et al., ICLR 2024: |W| * ||X_j||"),
+    # RIA's reference code: (|W| / sum_col |W| + |W| / sum_row |W|) * sqrt(scaler_row) ** a, a = 0.5.
+    # X is scaler_row, so sqrt(X) ** 0.5 = sqrt(sqrt(X)); W is already |W|.
+    KnownMetric("ria", "mul(add(coln(W), rown(W)), sqrt(sqrt(X)))",
+                "Zhang et al., ICLR 2024 (relative importance and activations, a = 0.5, no channel permutation)"),
+    KnownMetric("pruner-zero", "mul(abs(mul(W, W)), mms(G))", "Dong et al., ICML 2024 (the published tree)"),
+)}
+
+
+def known_tree(name: str) -> Tree | None:
+    metric = KNOWN_METRICS.get(name)
+    return metric.tree if metric else None
+
+
+# Metrics discovered by prunerzero and shipped with it: prunerzero/trees/NAME.json, in the export
+# format (``{"trees": [{"tree": ..., "formula": ..., "fitness": ..., ...}]}``).
+SHIPPED_TREES = Path(__file__).resolve().parent.parent / "trees"
+
+
+def shipped_trees() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SHIPPED_TREES.glob("*.json"))}
+
+
+def resolve_tree(spec: str) -> Tree:
+    """A tree from a known metric's name (``ria``), a shipped tree's name, a formula, or a JSON file.
+
+    A text that parses as a formula is never tried as a file name."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("--tree needs a metric name, a formula such as mul(abs(W), sqrt(X)), or a JSON file")
+    spec = spec.strip()
+    if spec in KNOWN_METRICS:
+        return KNOWN_METRICS[spec].tree
+    shipped = shipped_trees()
+    if spec in shipped:
+        return Tree.load(shipped[spec])
+    if "(" in spec or spec in TERMINALS:
+        return Tree.parse(spec)
+    path = Path(spec)
+    if path.exists() or spec.endswith(".json"):
+        return Tree.load(path)
+    names = ", ".join([*KNOWN_METRICS, *shipped])
+    raise UserError(f"tree {spec!r} is not a known metric ({names}), a formula, or an existing JSON file")
