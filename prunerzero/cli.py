@@ -22,14 +22,7 @@ log = logging.getLogger("prunerzero")
 from prunerzero.primitives.known import resolve_tree  # noqa: F401  (re-exported for the sub-command modules)
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name} was asked but CUDA is not available; use --device cpu")
-    return name
+from prunerzero.pruning.models import pick_device  # noqa: E402,F401
 
 
 def positive_int(text: str) -> int:

@@ -145,3 +145,16 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def pick_device(name: str) -> str:
+    """``auto``: CUDA when present, else the CPU; a CUDA device asked for without CUDA is refused."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} was asked but CUDA is not available; use --device cpu")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise UserError(f"device {name!r} is not understood; use cpu, cuda, cuda:N or auto")
+    return name

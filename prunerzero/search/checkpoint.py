@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
+from prunerzero.files import read_json, write_atomic
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.primitives.tree import Tree
 from prunerzero.search.engine import SearchState
@@ -23,22 +24,19 @@ CONFIG = "config.yaml"
 LOG = "log.jsonl"
 HALL_OF_FAME = "hall_of_fame.json"
 PLOT = "fitness.png"
+PARETO_PLOT = "pareto.png"
+LOCK = "search.lock"
 FORMAT_VERSION = 1
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def run_files(run_dir: Path) -> tuple[Path, ...]:
+    """The files a run folder holds that no output may overwrite."""
+    return tuple(Path(run_dir) / n for n in (STATE, CONFIG, LOG, HALL_OF_FAME, PLOT, PARETO_PLOT, LOCK))
 
 
 def save_checkpoint(run_dir: Path, state: SearchState, fingerprint: dict[str, Any], hof_size: int) -> None:
     payload = {"format": FORMAT_VERSION, "fingerprint": fingerprint, **state.to_json()}
-    write_atomic(run_dir / STATE, json.dumps(payload, indent=1))
+    write_atomic(run_dir / STATE, json.dumps(payload, indent=1, allow_nan=False))
     write_atomic(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in state.log))
     write_atomic(run_dir / HALL_OF_FAME, json.dumps(export_trees(state, hof_size), indent=2) + "\n")
 
@@ -70,6 +68,45 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = 
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def export_pareto(state: SearchState) -> dict[str, Any]:
+    """The Pareto front of fitness against tree size, smallest tree first, in the export format."""
+    trees = []
+    for r in state.pareto_front():
+        tree = Tree.parse(r["tree"])
+        trees.append({"rank": len(trees) + 1, "formula": r["tree"], "fitness": r["fitness"], "size": len(tree),
+                      "generation": r["generation"], "tree": tree.to_json()})
+    return {"format": "prunerzero-pareto", "trees": trees}
+
+
+def plot_pareto(run_dir: Path, state: SearchState) -> None:
+    """Fitness against tree size of every fully measured metric, the front drawn over them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in state.cache.values() if r["fitness"] < WORST_FITNESS and not r.get("estimated")]
+    front = state.pareto_front()
+    if not front:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.scatter([len(Tree.parse(r["tree"])) for r in good], [r["fitness"] for r in good], s=12, alpha=0.4,
+               label="measured metrics")
+    ax.step([len(Tree.parse(r["tree"])) for r in front], [r["fitness"] for r in front], where="post", marker="o",
+            color="C3", label="Pareto front")
+    for r in front[:6]:
+        ax.annotate(r["tree"][:40], (len(Tree.parse(r["tree"])), r["fitness"]), fontsize=6, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("tree size (nodes)")
+    ax.set_ylabel("fitness (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("fitness against size", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, run_dir / PARETO_PLOT)
 
 
 def export_trees(state: SearchState, top: int) -> dict[str, Any]:
@@ -108,7 +145,20 @@ def plot_progress(run_dir: Path, state: SearchState) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = run_dir / f".{PLOT}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, run_dir / PLOT)
+    save_figure(fig, run_dir / PLOT)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure written atomically, through a temporary file unique to this writer."""
+    import tempfile
+
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)

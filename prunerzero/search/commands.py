@@ -12,17 +12,34 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
+from prunerzero.evaluation.heldout import Cell, CellRunner, cells_for, format_table, known_cell, summary
+from prunerzero.files import write_json
+from prunerzero.pruning.models import pick_device
 from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.primitives.deap_set import space_fingerprint
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.config import SearchConfig, config_from_dict, load_config
+from prunerzero.search.config import HeldoutSection, SearchConfig, config_from_dict, load_config, validate
 from prunerzero.search.engine import GeneticSearch, SearchState
 
 log = logging.getLogger(__name__)
 
 
+def _run_config(run_dir: Path) -> SearchConfig:
+    if not (run_dir / ckpt.CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
+    cfg = config_from_dict(_load_yaml(run_dir / ckpt.CONFIG))
+    cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+    return cfg
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def fitness_settings(cfg: SearchConfig, resolve_device: bool = True):
-    from prunerzero.cli import pick_device
     from prunerzero.fitness.model_fitness import FitnessSettings
     from prunerzero.pruning.calibration import Calibration
 
@@ -121,6 +138,7 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
     def on_generation(st: SearchState) -> None:
         ckpt.save_checkpoint(run_dir, st, fp, cfg.search.hall_of_fame)
         ckpt.plot_progress(run_dir, st)
+        ckpt.plot_pareto(run_dir, st)
 
     try:
         if state is not None:
@@ -170,19 +188,72 @@ def cmd_search(args: argparse.Namespace) -> None:
     state = run_search(cfg, resume=bool(args.resume), force=args.force, generations=args.generations)
     for r in ckpt.export_trees(state, 5)["trees"]:
         print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  {r['formula']}")
+    if cfg.heldout is not None and cfg.evaluator.type != "reconstruction" and not args.no_heldout:
+        print(format_table(run_heldout(cfg.run_dir, cfg, state), cfg.heldout.texts))
+
+
+HELDOUT = "heldout.json"
+
+
+def heldout_cells(cfg: SearchConfig, state: SearchState, h: HeldoutSection) -> list[Cell]:
+    """The held-out grid of a run: dense, the baselines and the top k, at the run's pattern."""
+    c, f = cfg.calibration, cfg.fitness
+    if c.source != "wikitext2" or f.text != "wikitext2":
+        log.warning("held-out cells calibrate on %s; the run's fitness text is %s", c.source, f.text)
+    common = dict(windows=h.windows, seqlen=h.seqlen, nsamples=c.nsamples, calib_seqlen=c.seqlen,
+                  calib_seed=c.seed, calib_source=c.source, model=cfg.model.name)
+    top = [(f"#{r['rank']}", r["formula"]) for r in ckpt.export_trees(state, h.top_k)["trees"]]
+    cells = [known_cell("dense", text=t, **common) for t in h.texts]
+    return cells + cells_for(top, [b for b in h.baselines if b != "dense"], [f.pattern], [f.sparsity], h.texts, **common)
+
+
+def run_heldout(run_dir: Path, cfg: SearchConfig, state: SearchState, h: HeldoutSection | None = None) -> dict[str, Any]:
+    """Measure (or finish measuring) the held-out cells of a run; writes RUN/heldout.json."""
+    h = h or cfg.heldout or HeldoutSection()
+    runner = CellRunner(run_dir / "heldout", cfg.calibration.data_dir, pick_device(cfg.model.device), str(run_dir))
+    records = runner.run(heldout_cells(cfg, state, h))
+    fitness = {r["formula"]: r["fitness"] for r in ckpt.export_trees(state, max(h.top_k, 1))["trees"]}
+    table = summary(records)
+    for row in table["rows"]:
+        if row["tree"] in fitness:
+            row["fitness"] = fitness[row["tree"]]
+    table.update(budget={"windows": h.windows, "seqlen": h.seqlen}, texts=list(h.texts),
+                 calibration={"nsamples": cfg.calibration.nsamples, "seqlen": cfg.calibration.seqlen,
+                              "seed": cfg.calibration.seed, "source": cfg.calibration.source})
+    write_json(run_dir / HELDOUT, table, protected=ckpt.run_files(run_dir))
+    log.info("held-out perplexity of %d cells in %s", len(records), run_dir / HELDOUT)
+    return table
+
+
+def cmd_heldout(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run)
+    cfg = _run_config(run_dir)
+    state, _ = ckpt.load_checkpoint(run_dir)
+    h = cfg.heldout or HeldoutSection()
+    h = HeldoutSection(top_k=h.top_k if args.top_k is None else args.top_k, baselines=h.baselines,
+                       texts=args.texts.split(",") if args.texts else h.texts,
+                       windows=h.windows if args.windows is None else args.windows,
+                       seqlen=h.seqlen if args.seqlen is None else args.seqlen)
+    cfg.heldout = h
+    validate(cfg)
+    print(format_table(run_heldout(run_dir, cfg, state, h), h.texts))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
     state, _ = ckpt.load_checkpoint(run_dir)
-    data = ckpt.export_trees(state, args.top)
+    data = ckpt.export_pareto(state) if args.pareto else ckpt.export_trees(state, args.top)
     if not data["trees"]:
         raise UserError(f"{run_dir} has no evaluated metric yet")
-    out = Path(args.out) if args.out else run_dir / "export.json"
-    ckpt.write_atomic(out, json.dumps(data, indent=2) + "\n")
+    default = "pareto.json" if args.pareto else "export.json"
+    out = Path(args.out) if args.out else run_dir / default
+    protected = ckpt.run_files(run_dir)
+    write_json(out, data, protected)
     if args.tree_files:
         for r in data["trees"]:
-            ckpt.write_atomic(out.parent / f"{out.stem}-rank{r['rank']}.json", json.dumps(r["tree"], indent=2) + "\n")
+            write_json(out.parent / f"{out.stem}-rank{r['rank']}.json", r["tree"], protected)
     for r in data["trees"]:
         print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  gen {r['generation']:>3}  {r['formula']}")
     print(f"wrote {out} (load a tree with: prunerzero prune --method tree --tree {out})")
@@ -197,11 +268,21 @@ def register(sub: Any) -> None:
     p.add_argument("--output-dir", default=None)
     p.add_argument("--force", action="store_true", help="resume even if the search space or fitness changed")
     p.add_argument("--dry-run", action="store_true", help="validate the config and exit, loading nothing")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("heldout", help="held-out perplexity of a run's best metrics and the baselines (resumable)")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("--top-k", type=int, default=None, help="metrics of the hall of fame to measure (default: the config's)")
+    p.add_argument("--texts", default=None, help="comma separated: wikitext2:test,c4:validation")
+    p.add_argument("--windows", type=int, default=None, help="evaluation windows per text (default: the config's)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window")
+    p.set_defaults(func=cmd_heldout)
 
     p = sub.add_parser("export", help="write the best trees of a run in the Pruner-Zero JSON format")
     p.add_argument("run", help="run folder (runs/NAME)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--out", default=None, help="output JSON (default RUN/export.json); loadable by prune --tree")
     p.add_argument("--tree-files", action="store_true", help="also write one bare tree file per rank")
+    p.add_argument("--pareto", action="store_true", help="export the Pareto front of fitness against size instead")
     p.set_defaults(func=cmd_export)

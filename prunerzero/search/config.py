@@ -56,6 +56,19 @@ class MultiFidelitySection:
 
 
 @dataclass
+class HeldoutSection:
+    """Held-out evaluation at the end of a search (and ``prunerzero heldout RUN``): the top k of
+    the hall of fame and the baselines, pruned with the run's calibration at its sparsity and
+    pattern, measured on the test texts. The fitness text is never one of them."""
+
+    top_k: int = 3
+    baselines: list = field(default_factory=lambda: ["magnitude", "wanda", "ria", "sparsegpt", "pruner-zero"])
+    texts: list = field(default_factory=lambda: ["wikitext2:test", "c4:validation"])
+    windows: typing.Optional[int] = 8  # evaluation windows per text; null: the whole split
+    seqlen: int = 1024
+
+
+@dataclass
 class SearchSection:
     algorithm: str = "generational"  # or steady_state (the paper's loop)
     population: int = 20
@@ -99,6 +112,7 @@ class SearchConfig:
     fitness: FitnessSection = field(default_factory=FitnessSection)
     search: SearchSection = field(default_factory=SearchSection)
     evaluator: EvaluatorSection = field(default_factory=EvaluatorSection)
+    heldout: typing.Optional[HeldoutSection] = None  # null: no held-out evaluation at the end
 
     @property
     def run_dir(self) -> Path:
@@ -222,6 +236,22 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if "pow" in s.operators and not s.constants:
         raise UserError("search.operators has pow, which needs constant exponents: list some in search.constants "
                         "(e.g. [0.25, 0.5, 2]) or drop pow")
+    h = cfg.heldout
+    if h is not None:
+        if h.top_k < 0:
+            raise UserError(f"heldout.top_k must not be negative, got {h.top_k}")
+        _positive(h.seqlen, "heldout.seqlen")
+        if h.windows is not None:
+            _positive(h.windows, "heldout.windows")
+        bad = [t for t in h.texts if t not in ("wikitext2:test", "c4:validation")]
+        if bad or not h.texts:
+            raise UserError(f"heldout.texts must be among wikitext2:test and c4:validation, got {h.texts}")
+        known = ("dense", "magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
+        bad = [b for b in h.baselines if b not in known]
+        if bad:
+            raise UserError(f"heldout.baselines: unknown {', '.join(bad)}; known: {', '.join(known)}")
+        if f.text == "wikitext2" and f.split != "validation" or f.split == "test":
+            raise UserError("the fitness text must be a validation split when held-out texts are measured")
     if not cfg.name or "/" in cfg.name:
         raise UserError(f"name must be a plain folder name, got {cfg.name!r}")
     return cfg

@@ -88,6 +88,17 @@ class SearchState:
         return out
 
 
+    def pareto_front(self) -> list[dict[str, Any]]:
+        """Metrics no other beats on both fitness and size (as PySR keeps), smallest first: a user
+        can pick a short metric that is nearly as good as the best."""
+        front: list[dict[str, Any]] = []
+        for r in self.hall_of_fame(len(self.cache)):  # best first; equal masks already merged
+            size = len(Tree.parse(r["tree"]))
+            if all(size < len(Tree.parse(f["tree"])) for f in front):
+                front.append(r)
+        return sorted(front, key=lambda r: len(Tree.parse(r["tree"])))
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     saved = random.getstate()

@@ -1,0 +1,214 @@
+"""Held-out evaluation: prune with a method or tree, measure perplexity on text no search saw.
+
+A *cell* is one pruning (method or tree, pattern, sparsity, calibration) measured on one text
+(WikiText-2 test, C4 validation) on a budget of windows. Each finished cell is written at once as
+its own JSON record in a folder, named by a hash of everything it depends on; a cell whose record
+exists is not measured again, so a long table is built across sessions and a crash costs at most
+the cell in flight. Cells that share a pruning are measured one after another on one pruned model.
+
+Protocol (``../shared/DESIGN.md``): pruning follows the reference code (X collected block by block
+on the partly pruned model, seeded calibration windows); perplexity over non-overlapping windows
+of ``seqlen`` tokens, WikiText-2 test rows joined with "\\n\\n", C4 validation as the Wanda code
+reads it (the first 1100 documents joined with " ").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from prunerzero.errors import UserError
+from prunerzero.files import read_json, write_json
+from prunerzero.primitives.known import KNOWN_METRICS
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.calibration import Calibration, gradients_for
+from prunerzero.pruning.data import joined_tokens, text_rows
+from prunerzero.pruning.masks import Pattern, check_sparsity
+from prunerzero.pruning.models import load_model
+from prunerzero.pruning.perplexity import perplexity
+from prunerzero.pruning.prune import METHODS, prune_model
+
+log = logging.getLogger(__name__)
+
+TEXTS = ("wikitext2:test", "c4:validation")
+BASELINES = ("magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
+C4_DOCUMENTS = 1100  # the reference code's C4 validation slice
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement. ``method`` is dense, magnitude, wanda, ria, sparsegpt or tree (with ``tree``)."""
+
+    label: str
+    method: str
+    tree: str | None = None
+    pattern: str = "unstructured"
+    sparsity: float = 0.5
+    text: str = "wikitext2:test"
+    windows: int | None = None  # None: the whole split
+    seqlen: int = 2048  # tokens per evaluation window
+    nsamples: int = 32  # calibration windows
+    calib_seqlen: int = 2048
+    calib_seed: int = 0
+    calib_source: str = "wikitext2"
+    model: str = "smollm2-135m"
+
+    def __post_init__(self) -> None:
+        if self.method not in (*METHODS, "dense"):
+            raise UserError(f"cell {self.label}: unknown method {self.method!r}")
+        if self.method == "tree":
+            Tree.parse(self.tree or "")
+        if self.method != "dense":
+            check_sparsity(self.sparsity, Pattern.parse(self.pattern))
+        if self.text not in TEXTS:
+            raise UserError(f"cell {self.label}: text {self.text!r} is not one of {', '.join(TEXTS)}")
+
+    def pruning(self) -> tuple:
+        """What the pruned model depends on (cells equal here share one pruning)."""
+        if self.method == "dense":
+            return (self.model, "dense")
+        return (self.model, self.method, self.tree, self.pattern, self.sparsity, self.nsamples, self.calib_seqlen,
+                self.calib_seed, self.calib_source)
+
+    def key(self) -> str:
+        d = asdict(self)
+        d.pop("label")
+        if self.method == "dense":
+            for k in ("tree", "pattern", "sparsity", "nsamples", "calib_seqlen", "calib_seed", "calib_source"):
+                d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def known_cell(name: str, **kw: Any) -> Cell:
+    """A cell for a baseline by name: a method (magnitude, wanda, ria, sparsegpt), a known tree
+    (pruner-zero), or dense."""
+    if name in ("dense", "magnitude", "wanda", "ria", "sparsegpt"):
+        return Cell(label=name, method=name, **kw)
+    if name in KNOWN_METRICS:
+        return Cell(label=name, method="tree", tree=KNOWN_METRICS[name].formula, **kw)
+    raise UserError(f"unknown baseline {name!r}; known: dense, {', '.join(BASELINES)}")
+
+
+def evaluation_tokens(tokenizer: object, text: str, data_dir: str | None, max_tokens: int | None) -> torch.Tensor:
+    source, split = text.split(":")
+    if source == "c4":
+        rows = text_rows("c4", split, data_dir)[:C4_DOCUMENTS]
+        ids = tokenizer(" ".join(rows), return_tensors="pt").input_ids[0]
+        return ids if max_tokens is None else ids[:max_tokens]
+    return joined_tokens(tokenizer, source, split, "\n\n", data_dir, max_tokens)
+
+
+@dataclass
+class CellRunner:
+    """Measures cells into ``folder`` (one JSON file per cell), skipping those already there."""
+
+    folder: Path
+    data_dir: str | None = None
+    device: str = "cpu"
+    gradient_cache: str | None = None
+    _loaded: dict[str, Any] = field(default_factory=dict)
+
+    def record_path(self, cell: Cell) -> Path:
+        return Path(self.folder) / f"{cell.key()}.json"
+
+    def done(self, cell: Cell) -> dict[str, Any] | None:
+        path = self.record_path(cell)
+        return read_json(path, "cell record") if path.is_file() else None
+
+    def run(self, cells: Sequence[Cell]) -> list[dict[str, Any]]:
+        todo = [c for c in cells if self.done(c) is None]
+        log.info("held-out cells: %d of %d already measured, %d to go", len(cells) - len(todo), len(cells), len(todo))
+        start, finished = time.perf_counter(), 0
+        for _, group in groupby(sorted(todo, key=lambda c: repr(c.pruning())), key=lambda c: c.pruning()):
+            group = list(group)
+            model, tokenizer, seconds = self._pruned(group[0])
+            for cell in group:
+                self._measure(cell, model, tokenizer, seconds)
+                finished += 1
+                rate = (time.perf_counter() - start) / finished
+                log.info("cell %d/%d done (%s, %s, %s): %.0f s per cell, about %.0f s to go", finished, len(todo),
+                         cell.label, cell.pattern, cell.text, rate, rate * (len(todo) - finished))
+        return [self.done(c) for c in cells]
+
+    def _model(self, name: str) -> tuple[Any, Any, Any]:
+        if self._loaded.get("name") != name:
+            model, tokenizer, source = load_model(name, self.device)
+            dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._loaded = {"name": name, "model": (model, tokenizer, source), "dense": dense}
+        model, tokenizer, source = self._loaded["model"]
+        model.load_state_dict(self._loaded["dense"])  # every pruning starts from the dense weights
+        return model, tokenizer, source
+
+    def _pruned(self, cell: Cell) -> tuple[Any, Any, float]:
+        model, tokenizer, source = self._model(cell.model)
+        if cell.method == "dense":
+            return model, tokenizer, 0.0
+        tree = Tree.parse(cell.tree) if cell.tree else None
+        calib = Calibration(cell.calib_source, None, cell.nsamples, cell.calib_seqlen, cell.calib_seed, self.data_dir)
+        windows = calib.windows(tokenizer)
+        gradients = None
+        if tree is not None and "G" in tree.terminals:
+            gradients = gradients_for(model, source, windows, calib, self.gradient_cache)
+        report = prune_model(model, cell.method, cell.sparsity, Pattern.parse(cell.pattern), windows=windows,
+                             tree=tree, gradients=gradients)
+        self._sparsity = report.sparsity_actual
+        return model, tokenizer, report.seconds
+
+    def _measure(self, cell: Cell, model: Any, tokenizer: Any, prune_seconds: float) -> None:
+        max_tokens = None if cell.windows is None else cell.windows * cell.seqlen
+        tokens = evaluation_tokens(tokenizer, cell.text, self.data_dir, max_tokens)
+        ppl, n = perplexity(model, tokens, cell.seqlen, cell.windows)
+        record = {**asdict(cell), "key": cell.key(), "ppl": ppl if math.isfinite(ppl) else None,
+                  "eval_tokens": n, "eval_windows": n // cell.seqlen, "prune_seconds": round(prune_seconds, 1),
+                  "sparsity_actual": None if cell.method == "dense" else self._sparsity,
+                  "device": self.device, "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if not math.isfinite(ppl):
+            record["note"] = f"perplexity was {ppl}"
+        write_json(self.record_path(cell), record)
+
+
+def cells_for(labels_and_trees: Iterable[tuple[str, str]], baselines: Sequence[str], patterns: Sequence[str],
+              sparsities: Sequence[float], texts: Sequence[str], **common: Any) -> list[Cell]:
+    """The grid: every baseline and every (label, formula) tree at every pattern / sparsity and text."""
+    cells = []
+    for pattern, sparsity in zip(patterns, sparsities):
+        for text in texts:
+            for name in baselines:
+                cells.append(known_cell(name, pattern=pattern, sparsity=sparsity, text=text, **common))
+            for label, formula in labels_and_trees:
+                cells.append(Cell(label=label, method="tree", tree=formula, pattern=pattern, sparsity=sparsity,
+                                  text=text, **common))
+    return cells
+
+
+def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Records as a table: one row per pruning label and pattern, one column per text."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r is None:
+            continue
+        row = rows.setdefault((r["label"], r["pattern"], r["sparsity"]), {
+            "label": r["label"], "method": r["method"], "tree": r["tree"], "pattern": r["pattern"],
+            "sparsity": r["sparsity"]})
+        row[r["text"]] = r["ppl"]
+        row[f"{r['text']} windows"] = r["eval_windows"]
+    return {"rows": list(rows.values())}
+
+
+def format_table(table: dict[str, Any], texts: Sequence[str] = TEXTS) -> str:
+    head = "| metric | pattern | " + " | ".join(texts) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(texts)]
+    for row in table["rows"]:
+        name = row["label"] if row["method"] != "tree" or row["label"] in KNOWN_METRICS else f"{row['label']} `{row['tree']}`"
+        cells = ["-" if row.get(t) is None else f"{row[t]:.3f}" for t in texts]
+        lines.append(f"| {name} | {row['pattern'] if row['method'] != 'dense' else '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
