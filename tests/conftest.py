@@ -38,3 +38,42 @@ def smollm2():
     from prunerzero.pruning.models import load_model
 
     return load_model("smollm2-135m", "cpu")
+
+
+VOCAB = 128
+
+
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII), small enough for the tiny models."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<unk>"] + list(string.printable))}
+    assert len(vocab) <= VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                   unk_token="<unk>")
+
+
+def tiny_model_folder(folder, seed: int = 0):
+    """A tiny random LLaMA and the character tokenizer saved as a model folder (``--model FOLDER``)."""
+    tiny_llama(seed=seed).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def local_data(folder, lines: int = 60):
+    """WikiText-2 (validation, test) and C4 (train, validation) files with the layout of ../shared/data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    line = " The quick brown fox jumps over the lazy dog . \n"
+    (folder / "wikitext-2").mkdir(parents=True)
+    (folder / "wikitext-2" / "wiki.valid.raw").write_text(line * lines)
+    (folder / "wikitext-2" / "wiki.test.raw").write_text(" A lazy dog sleeps ; the fox runs away . \n" * lines)
+    (folder / "c4").mkdir()
+    (folder / "c4" / "c4_sample.jsonl").write_text("".join('{"text": "%s"}\n' % line.strip() for _ in range(lines)))
+    pq.write_table(pa.table({"text": [f"Document {i}: the dog and the fox." for i in range(lines)]}),
+                   folder / "c4" / "c4_validation_2k.parquet")
+    return folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from prunerzero.pruning.masks import Pattern
 from prunerzero.pruning.models import prunable_linears
 from prunerzero.pruning.prune import layer_sparsity_total, measure_sparsity, prune_model
 
-VOCAB = 128
+from tests.conftest import VOCAB, char_tokenizer
 SEQLEN = 32
 
 
@@ -162,16 +161,6 @@ def test_yaml_bad_values(tmp_path, text, word):
     path.write_text(text)
     with pytest.raises(UserError, match=word):
         LoraSettings.from_yaml(path)
-
-
-def char_tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(["<unk>"] + list(string.printable))}
-    assert len(vocab) <= VOCAB
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                   unk_token="<unk>")
 
 
 def test_cli_end_to_end(tmp_path, pruned, capsys):

@@ -1,0 +1,84 @@
+"""Held-out cells: measured once, recorded as JSON, skipped on re-run; the search's held-out step."""
+
+import json
+
+import pytest
+
+from prunerzero.errors import UserError
+from prunerzero.evaluation import heldout as ho
+from prunerzero.evaluation.heldout import Cell, CellRunner, format_table, known_cell, summary
+from tests.conftest import local_data, tiny_model_folder
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tiny_model_folder(tmp_path / "model")
+    data = local_data(tmp_path / "data")
+    return str(model), str(data)
+
+
+def test_cells_are_measured_once_and_recorded(tmp_path, setup, monkeypatch):
+    model, data = setup
+    common = dict(model=model, windows=2, seqlen=32, nsamples=2, calib_seqlen=32)
+    cells = [known_cell(name, text=text, **common)
+             for name in ("dense", "magnitude", "wanda", "ria") for text in ("wikitext2:test", "c4:validation")]
+    cells.append(Cell("mine", "tree", tree="mul(W, pow(X, 0.25))", **common))
+    runner = CellRunner(tmp_path / "cells", data_dir=data)
+    records = runner.run(cells)
+    assert len(list((tmp_path / "cells").glob("*.json"))) == len(cells)
+    by = {(r["label"], r["text"]): r for r in records}
+    for r in records:
+        assert r["ppl"] > 1 and r["eval_windows"] == 2 and r["eval_tokens"] == 64
+        json.loads((tmp_path / "cells" / f"{r['key']}.json").read_text())  # strict JSON on disk
+    assert by[("wanda", "wikitext2:test")]["sparsity_actual"] == pytest.approx(0.5, abs=0.01)
+    assert by[("dense", "c4:validation")]["ppl"] != by[("dense", "wikitext2:test")]["ppl"]
+    # a second run measures nothing again
+    calls = []
+    monkeypatch.setattr(ho, "perplexity", lambda *a, **k: calls.append(1) or (1.0, 1))
+    assert CellRunner(tmp_path / "cells", data_dir=data).run(cells) == records and not calls
+    table = summary(records)
+    assert {row["label"] for row in table["rows"]} == {"dense", "magnitude", "wanda", "ria", "mine"}
+    assert "| mine `mul(W, pow(X, 0.25))` | unstructured |" in format_table(table)
+
+
+def test_cell_keys_depend_on_what_the_number_depends_on():
+    a = known_cell("wanda", windows=4)
+    assert a.key() == known_cell("wanda", windows=4).key()
+    for other in (known_cell("wanda", windows=8), known_cell("wanda", windows=4, calib_seed=1),
+                  known_cell("wanda", windows=4, text="c4:validation"), known_cell("ria", windows=4)):
+        assert other.key() != a.key()
+    with pytest.raises(UserError, match="not one of"):
+        known_cell("wanda", text="wikitext2:validation")
+    with pytest.raises(UserError, match="unknown baseline"):
+        known_cell("obs")
+
+
+def test_a_search_ends_with_its_heldout_table(tmp_path, setup, capsys):
+    import yaml
+
+    from prunerzero.cli import main
+
+    model, data = setup
+    config = {
+        "name": "r", "output_dir": str(tmp_path / "runs"), "seed": 1,
+        "model": {"name": model, "device": "cpu"},
+        "calibration": {"nsamples": 2, "seqlen": 32, "data_dir": data},
+        "fitness": {"seqlen": 32, "windows": 2},
+        "search": {"population": 6, "generations": 1, "init_max_depth": 2},
+        "heldout": {"top_k": 1, "baselines": ["magnitude", "wanda"], "windows": 2, "seqlen": 32},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["search", "--config", str(tmp_path / "c.yaml")]) == 0
+    table = json.loads((tmp_path / "runs" / "r" / "heldout.json").read_text())
+    labels = {row["label"] for row in table["rows"]}
+    assert labels == {"dense", "magnitude", "wanda", "#1"}
+    best = next(row for row in table["rows"] if row["label"] == "#1")
+    assert best["fitness"] > 0 and best["wikitext2:test"] > 0 and best["c4:validation"] > 0
+    assert "| dense | - |" in capsys.readouterr().out
+    # prunerzero heldout on its own: nothing measured again, another budget measured anew
+    cells = set((tmp_path / "runs" / "r" / "heldout").glob("*.json"))
+    assert main(["heldout", str(tmp_path / "runs" / "r")]) == 0
+    assert set((tmp_path / "runs" / "r" / "heldout").glob("*.json")) == cells
+    assert main(["heldout", str(tmp_path / "runs" / "r"), "--windows", "1", "--texts", "wikitext2:test"]) == 0
+    assert len(set((tmp_path / "runs" / "r" / "heldout").glob("*.json"))) == len(cells) + 4
+    assert main(["heldout", str(tmp_path / "runs" / "r"), "--texts", "wikitext2:validation"]) == 2
