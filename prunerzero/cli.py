@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prunerzero import files
 from prunerzero.errors import UserError
 
 log = logging.getLogger("prunerzero")
@@ -37,8 +38,7 @@ def positive_int(text: str) -> int:
 
 def write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        files.write_json(path, data)
         log.info("wrote %s", path)
 
 
@@ -106,6 +106,12 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     check_prune_args(args)
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
+    tokens = None
+    if not args.no_eval:  # checked before pruning: a text too short for one window fails at once
+        tokens = eval_tokens(tokenizer, data_dir=args.data_dir)
+        if tokens.numel() < args.seqlen:
+            raise UserError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of "
+                            f"--seqlen {args.seqlen}")
     report = prune_from_args(args, model, tokenizer, source)
     result: dict[str, Any] = {
         "model": args.model, "method": report.method, "tree": args.tree, "pattern": report.pattern,
@@ -113,8 +119,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         "prune_seconds": round(report.seconds, 3), "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "calib_data": args.calib_data,
     }
-    if not args.no_eval:
-        tokens = eval_tokens(tokenizer, data_dir=args.data_dir)
+    if tokens is not None:
         ppl, n = perplexity(model, tokens, args.seqlen, args.max_eval_windows)
         result.update(ppl=ppl, eval_tokens=n, eval_data="wikitext2:test")
         log.info("wikitext2 test perplexity %.4f (%d tokens)", ppl, n)

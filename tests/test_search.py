@@ -202,7 +202,7 @@ def test_resume_refuses_a_changed_search_space_unless_forced(tmp_path):
     cfg = recon_config(tmp_path, generations=1)
     run_search(cfg)
     changed = config_from_dict({**cfg.to_dict(), "search": {**cfg.to_dict()["search"], "operators": [*cfg.search.operators, "sigmoid"]}})
-    with pytest.raises(UserError, match="search space or fitness changed"):
+    with pytest.raises(UserError, match="the config changed"):
         run_search(changed, resume=True, generations=2)
     with pytest.raises(UserError, match="already holds a search"):
         run_search(cfg)

@@ -92,9 +92,10 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name!r}: {first}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        # a folder without weights, a config.json without a model type, a .gguf that is not GGUF...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {name!r} ({type(e).__name__}): {first}") from None
     if source.gguf_file:
         # Transformers de-quantises GGUF weights to `dtype` on load but keeps a "gguf quantizer"
         # marker that forbids save_pretrained; the weights are plain tensors, so drop the marker.

@@ -6,10 +6,12 @@ mid-write leaves the previous checkpoint intact; a crash costs at most the gener
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -41,6 +43,27 @@ def save_checkpoint(run_dir: Path, state: SearchState, fingerprint: dict[str, An
     write_atomic(run_dir / HALL_OF_FAME, json.dumps(export_trees(state, hof_size), indent=2) + "\n")
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for one search: a second search or a resume of a live run is refused
+    with the holder's pid. The lock is the kernel's (flock), so a killed search leaves none behind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{run_dir} is in use by another search (pid {holder}); wait for it to finish, "
+                            "or give this search another name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def save_config(run_dir: Path, config: dict[str, Any]) -> None:
     write_atomic(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
@@ -49,13 +72,17 @@ def load_checkpoint(run_dir: Path) -> tuple[SearchState, dict[str, Any]]:
     path = Path(run_dir) / STATE
     if not path.is_file():
         raise UserError(f"{run_dir} holds no checkpoint ({STATE}); start a search with --config")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"checkpoint {path} is not valid JSON ({e.msg}); it was not written by prunerzero") from None
+    data = read_json(path, "checkpoint")
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {path} is not a JSON object; it was not written by prunerzero")
     if data.get("format") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format {data.get('format')}, this prunerzero reads {FORMAT_VERSION}")
-    return SearchState.from_json(data), data["fingerprint"]
+        raise UserError(f"checkpoint {path} has format {data.get('format')!r}, this prunerzero reads {FORMAT_VERSION}")
+    if not isinstance(data.get("fingerprint"), dict):
+        raise UserError(f"checkpoint {path}: 'fingerprint' must be an object")
+    try:
+        return SearchState.from_json(data), data["fingerprint"]
+    except UserError as e:
+        raise UserError(f"checkpoint {path}: {e}") from None
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -18,7 +18,8 @@ from prunerzero.pruning.models import pick_device
 from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.primitives.deap_set import space_fingerprint
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.config import HeldoutSection, SearchConfig, config_from_dict, load_config, validate
+from prunerzero.search.config import (HeldoutSection, SearchConfig, config_from_dict, load_config, load_yaml,
+                                      validate)
 from prunerzero.search.engine import GeneticSearch, SearchState
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ def _run_config(run_dir: Path) -> SearchConfig:
 
 
 def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return load_yaml(path, "run config")
 
 
 def fitness_settings(cfg: SearchConfig, resolve_device: bool = True):
@@ -115,14 +113,39 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
                evaluator: Evaluator | None = None) -> SearchState:
     """Start or continue the search of ``cfg`` in ``cfg.run_dir``; checkpoint after every generation."""
     run_dir = cfg.run_dir
+    with ckpt.run_lock(run_dir):
+        return _run_search_locked(cfg, resume, force, generations, evaluator)
+
+
+# Config keys a resumed run may change without --force: how long it runs, where and how fast it
+# evaluates, and what is measured after it. Everything else changes what the search does.
+FREE_ON_RESUME = ("search.generations", "heldout", "evaluator.workers", "evaluator.cpus_per_worker",
+                  "evaluator.gpus_per_worker", "evaluator.threads_per_worker", "evaluator.address",
+                  "evaluator.timeout_s", "model.device", "calibration.data_dir")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Changes from the config a run was started with, outside :data:`FREE_ON_RESUME`."""
+    changes = ckpt.fingerprint_changes({k: v for k, v in old.items() if k not in ("name", "output_dir")},
+                                       {k: v for k, v in new.items() if k not in ("name", "output_dir")})
+    return [c for c in changes if not c.split(":")[0].startswith(FREE_ON_RESUME)]
+
+
+def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations: int | None,
+                       evaluator: Evaluator | None) -> SearchState:
+    run_dir = cfg.run_dir
     fp = fingerprint(cfg)
     state = None
+    if generations is not None and generations < 0:
+        raise UserError(f"--generations must not be negative, got {generations}")
     if resume:
         state, old_fp = ckpt.load_checkpoint(run_dir)
         changes = ckpt.fingerprint_changes(old_fp, fp)
+        if (run_dir / ckpt.CONFIG).is_file():
+            changes += [c for c in config_changes(_load_yaml(run_dir / ckpt.CONFIG), cfg.to_dict()) if c not in changes]
         if changes and not force:
-            raise UserError(f"refusing to resume {run_dir}: the search space or fitness changed ({'; '.join(changes)}); "
-                            "fitnesses would not compare. Start a new run (another name), or pass --force")
+            raise UserError(f"refusing to resume {run_dir}: the config changed ({'; '.join(changes)}); the search "
+                            "would not continue as it began. Start a new run (another name), or pass --force")
         if changes:
             log.warning("resuming despite changes (--force): %s", "; ".join(changes))
     elif (run_dir / ckpt.STATE).exists():
@@ -131,9 +154,9 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
     if state is not None and state.generation >= total:
         log.info("%s already has %d generations; nothing to do (use --generations N to go further)", run_dir, state.generation)
         return state
-    ckpt.save_config(run_dir, cfg.to_dict())
     own = evaluator is None
     evaluator = evaluator or make_evaluator(cfg)
+    ckpt.save_config(run_dir, cfg.to_dict())  # only once every check has passed and the evaluator stands
 
     def on_generation(st: SearchState) -> None:
         ckpt.save_checkpoint(run_dir, st, fp, cfg.search.hall_of_fame)
@@ -171,14 +194,16 @@ def cmd_search(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         if not (run_dir / ckpt.CONFIG).is_file():
             raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
-        cfg = load_config(args.config) if args.config else config_from_dict(yaml.safe_load((run_dir / ckpt.CONFIG).read_text()))
+        cfg = load_config(args.config) if args.config else config_from_dict(_load_yaml(run_dir / ckpt.CONFIG))
         cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+        validate(cfg)
     elif args.config:
         cfg = load_config(args.config)
-        if args.name:
+        if args.name is not None:
             cfg.name = args.name
-        if args.output_dir:
+        if args.output_dir is not None:
             cfg.output_dir = args.output_dir
+        validate(cfg)
     else:
         raise UserError("give --config FILE.yaml to start a search, or --resume runs/NAME to continue one")
     if args.dry_run:

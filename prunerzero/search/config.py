@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ import yaml
 from prunerzero.errors import UserError
 from prunerzero.primitives.registry import CONSTANTS, DEFAULT_OPERATORS, OPERATORS, TERMINALS, constant_name, is_constant
 from prunerzero.pruning.masks import Pattern, check_sparsity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,6 +126,26 @@ class SearchConfig:
         return dataclasses.asdict(self)
 
 
+# Limits far above any sensible run, so that a typo fails at once instead of hanging or
+# exhausting memory (a population of a billion passes every other check).
+LIMITS = {"search.population": 100_000, "search.generations": 1_000_000, "search.steps_per_generation": 100_000,
+          "search.max_height": 100, "search.max_size": 2000, "search.init_max_depth": 20, "search.hall_of_fame": 10_000,
+          "search.top_k": 100_000, "search.tournament_size": 100_000, "search.regenerate_attempts": 1000,
+          "search.elites": 100_000, "calibration.nsamples": 100_000, "calibration.seqlen": 1_000_000,
+          "fitness.seqlen": 1_000_000, "fitness.windows": 1_000_000, "evaluator.workers": 10_000,
+          "heldout.top_k": 1000, "heldout.windows": 1_000_000, "heldout.seqlen": 1_000_000,
+          "seed": 2**32 - 1, "calibration.seed": 2**32 - 1}
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_name(name: Any, where: str = "name") -> str:
+    """A run name is a plain folder name: no separators, no '.' or '..', no absolute path."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"{where} must be a plain folder name (letters, digits, '.', '_', '-'; no '/'), got {name!r}")
+    return name
+
+
 def _check_type(value: Any, kind: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     if origin is typing.Union:
@@ -143,16 +167,34 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{where} must be a list of names, got {value!r}")
         return value
+    if where.endswith(".pattern") and isinstance(value, int) and not isinstance(value, bool) and 0 < value < 3600:
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124: read it back, and say so
+        n, m = divmod(value, 60)
+        log.warning("%s: read %d as %d:%d (YAML reads an unquoted N:M as a base-60 number; write \"%d:%d\")",
+                    where, value, n, m, n, m)
+        return f"{n}:{m}"
     if kind in (int, float, str, bool) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-        raise UserError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise UserError(f"{where} must be {kind.__name__}, got {type(value).__name__} {_short(value)}")
+    if kind is float and value != value:
+        raise UserError(f"{where} must be a number, got NaN")
+    limit = LIMITS.get(where)
+    if limit is not None and isinstance(value, int) and value > limit:
+        raise UserError(f"{where} is {value}, above the limit of {limit}")
+    if where in ("seed", "calibration.seed") and isinstance(value, int) and value < 0:
+        raise UserError(f"{where} must not be negative, got {value}")
     return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
+        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {_short(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
@@ -250,10 +292,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         bad = [b for b in h.baselines if b not in known]
         if bad:
             raise UserError(f"heldout.baselines: unknown {', '.join(bad)}; known: {', '.join(known)}")
-        if f.text == "wikitext2" and f.split != "validation" or f.split == "test":
-            raise UserError("the fitness text must be a validation split when held-out texts are measured")
-    if not cfg.name or "/" in cfg.name:
-        raise UserError(f"name must be a plain folder name, got {cfg.name!r}")
+    check_run_name(cfg.name)
     return cfg
 
 
@@ -261,12 +300,45 @@ def config_from_dict(data: dict[str, Any]) -> SearchConfig:
     return validate(_build(SearchConfig, data, ""))
 
 
-def load_config(path: str | Path) -> SearchConfig:
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (an alias bomb expands a few lines into gigabytes) and without
+    duplicate keys (the second would silently win)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UserError(f"YAML aliases (*{event.anchor}) are not accepted in a config (line "
+                            f"{event.start_mark.line + 1}); write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UserError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """One YAML loader for every user file: safe, no aliases, no duplicate keys, one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a YAML file")
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(data or {})
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply") from None
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    return config_from_dict(load_yaml(path) or {})

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from deap import base, gp, tools
 
+from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS, Evaluator
 from prunerzero.primitives.deap_set import Individual, primitive_set, repair_pow, to_individual, to_tree
 from prunerzero.primitives.known import KNOWN_METRICS
@@ -56,6 +57,32 @@ class SearchState:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SearchState":
+        """A state from its JSON form, every field type-checked (a bad file gets one line)."""
+        for key, kind in (("generation", int), ("population", list), ("cache", dict), ("log", list),
+                          ("counters", dict)):
+            if key not in d:
+                raise UserError(f"missing key {key!r}")
+            if not isinstance(d[key], kind) or isinstance(d[key], bool):
+                raise UserError(f"{key!r} must be {kind.__name__}, got {type(d[key]).__name__}")
+        if d["generation"] < -1:
+            raise UserError(f"'generation' must be -1 or more, got {d['generation']}")
+        if not all(isinstance(f, str) for f in d["population"]):
+            raise UserError("'population' must be a list of formulas")
+        if d["generation"] >= 0 and not d["population"]:
+            raise UserError(f"'population' is empty after generation {d['generation']}")
+        for f in d["population"]:
+            Tree.parse(f)
+        for key, r in d["cache"].items():
+            if (not isinstance(r, dict) or not isinstance(r.get("tree"), str)
+                    or not isinstance(r.get("fitness"), (int, float)) or isinstance(r.get("fitness"), bool)
+                    or not isinstance(r.get("generation"), int)):
+                raise UserError(f"cache entry {key[:60]!r} must hold 'tree' (text), 'fitness' (number), 'generation'")
+            if not 0 <= r["fitness"] <= WORST_FITNESS:
+                raise UserError(f"cache entry {key[:60]!r} has fitness {r['fitness']} outside [0, {WORST_FITNESS:g}]")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in d["counters"].values()):
+            raise UserError("'counters' must map names to integers")
+        if not all(isinstance(r, dict) for r in d["log"]):
+            raise UserError("'log' must be a list of objects")
         state = cls()
         state.generation = d["generation"]
         state.population = list(d["population"])
