@@ -209,3 +209,46 @@ def test_search_with_the_extended_space_resumes_exactly(tmp_path):
     for record in full.cache.values():
         t = Tree.parse(record["tree"])
         assert t.height <= 8 and len(t) <= 31
+
+
+def test_steady_state_one_child_at_a_time_replaces_the_worst(tmp_path):
+    class Recording(ReconstructionEvaluator):
+        batches = []
+
+        def evaluate(self, trees, budget=None):
+            self.batches.append([str(t) for t in trees])
+            return super().evaluate(trees, budget)
+
+    def cfg(root, generations, batch):
+        return config_from_dict({"name": "t", "output_dir": str(root), "seed": 2, "search": {
+            "algorithm": "steady_state", "population": 10, "generations": generations, "top_k": 4,
+            "steps_per_generation": 6, "batch": batch}, "evaluator": {"type": "reconstruction"}})
+
+    ev = Recording(seed=2)
+    state = run_search(cfg(tmp_path / "one", 3, 1), evaluator=ev)
+    assert all(len(b) <= 1 for b in ev.batches[1:])  # after the initial population, one child per evaluation
+    bests = [r["best"] for r in state.log]
+    assert all(b2 <= b1 for b1, b2 in zip(bests, bests[1:])) and len(state.population) == 10
+    # resumable at generation boundaries, exactly
+    run_search(cfg(tmp_path / "split", 1, 1))
+    resumed = run_search(cfg(tmp_path / "split", 3, 1), resume=True)
+    assert resumed.log == state.log and resumed.population == state.population
+    # children of a batch never copy each other
+    ev.batches.clear()
+    run_search(cfg(tmp_path / "three", 3, 3), evaluator=ev)
+    simplify = Simplifier(ReconstructionEvaluator().same_ranking)
+    for b in ev.batches[1:]:
+        keys = [simplify(Tree.parse(t)).key for t in b]
+        assert len(keys) == len(set(keys))
+
+
+def test_constants_only_as_exponents_when_asked(tmp_path):
+    cfg = config_from_dict({"name": "t", "output_dir": str(tmp_path), "seed": 1, "search": {
+        "population": 16, "generations": 3, "operators": list(EXTENDED_OPERATORS), "constants": [0.5, 2],
+        "constants_as_leaves": False, "seed_known_metrics": False}, "evaluator": {"type": "reconstruction"}})
+    state = run_search(cfg)
+    for r in state.cache.values():
+        nodes = Tree.parse(r["tree"]).nodes
+        for i, n in enumerate(nodes):
+            if n in ("0.5", "2"):
+                assert nodes[:i].count("pow") > 0, r["tree"]  # a constant only ever under a pow

@@ -32,8 +32,13 @@ class Individual(gp.PrimitiveTree):
         self.fitness = FitnessMin()
 
 
-def primitive_set(operators: Sequence[str], terminals: Sequence[str], constants: Sequence[str] = ()) -> gp.PrimitiveSet:
-    """A DEAP primitive set with exactly these operators, terminals and constant leaves (validated)."""
+def primitive_set(operators: Sequence[str], terminals: Sequence[str], constants: Sequence[str] = (),
+                  constants_as_leaves: bool = True) -> gp.PrimitiveSet:
+    """A DEAP primitive set with exactly these operators, terminals and constants (validated).
+
+    ``constants_as_leaves=False``: constants are only ever ``pow`` exponents. DEAP draws leaves
+    uniformly among the terminals, so with three statistics and three constants half of all leaves
+    would be numbers, and most random trees constant or a rescaling of a simpler one."""
     unknown = [o for o in operators if o not in OPERATORS]
     if unknown:
         raise UserError(f"unknown operator(s) {', '.join(unknown)}; known: {', '.join(sorted(OPERATORS))}")
@@ -51,8 +56,12 @@ def primitive_set(operators: Sequence[str], terminals: Sequence[str], constants:
     for name in operators:
         op = OPERATORS[name]
         pset.addPrimitive(op.torch_fn, op.arity, name=name)
-    for name in list(terminals) + list(constants):
+    for name in list(terminals) + (list(constants) if constants_as_leaves else []):
         pset.addTerminal(name, name=name)
+    if not constants_as_leaves:  # known by name (trees convert both ways), never drawn as a leaf
+        for name in constants:
+            pset.mapping[name] = gp.Terminal(name, True, pset.ret)
+    pset.exponents = [pset.mapping[c] for c in constants]
     return pset
 
 
@@ -60,7 +69,7 @@ def repair_pow(ind: gp.PrimitiveTree, pset: gp.PrimitiveSet) -> gp.PrimitiveTree
     """Give every ``pow`` a constant exponent: a right child that is not a constant leaf is replaced
     by a constant drawn from the set (with ``random``, so the search stays seeded). Crossover and
     mutation are untyped in DEAP and may put any subtree there; repairing keeps the rest of the child."""
-    constants = [t for t in pset.terminals[pset.ret] if is_constant(t.name)]
+    constants = pset.exponents
     i = 0
     while i < len(ind):
         if ind[i].name == "pow":

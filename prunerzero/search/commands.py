@@ -64,6 +64,7 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
              "semantics": space_fingerprint(s.operators, s.terminals, s.constants)}
     if s.constants:  # runs without constants keep the fingerprint they were written with
         space["constants"] = sorted(s.constants, key=float)
+        space["constants_as_leaves"] = s.constants_as_leaves
     return {"space": space,
             "fitness": fit, "algorithm": s.algorithm, "seed": cfg.seed}
 

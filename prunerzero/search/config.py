@@ -80,6 +80,7 @@ class SearchSection:
     operators: list = field(default_factory=lambda: list(DEFAULT_OPERATORS))
     terminals: list = field(default_factory=lambda: list(TERMINALS))
     constants: list = field(default_factory=list)  # numeric leaves (and pow exponents), e.g. [0.25, 0.5, 2]
+    constants_as_leaves: bool = True  # false: constants appear only as pow exponents
     init_min_depth: int = 1
     init_max_depth: int = 3
     tournament_size: int = 3
@@ -91,7 +92,8 @@ class SearchSection:
     hall_of_fame: int = 10
     seed_known_metrics: bool = True
     top_k: int = 10  # steady state: parents are drawn from the current top k
-    steps_per_generation: int = 10  # steady state: children bred and evaluated per generation
+    steps_per_generation: int = 10  # steady state: children bred per generation (the checkpoint unit)
+    batch: typing.Optional[int] = None  # steady state: children bred between replacements (1: the paper's; null: a generation's)
     regenerate_attempts: int = 5
 
 
@@ -261,6 +263,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise UserError(f"search.init_max_depth ({s.init_max_depth}) exceeds search.max_height ({s.max_height})")
     if s.elites >= s.population or s.elites < 0:
         raise UserError(f"search.elites must be within [0, population), got {s.elites}")
+    if s.batch is not None and not 0 < s.batch <= s.steps_per_generation:
+        raise UserError(f"search.batch must be within [1, steps_per_generation={s.steps_per_generation}], got {s.batch}")
     if s.algorithm == "steady_state" and (s.top_k < 2 or s.top_k > s.population):
         raise UserError(f"search.top_k must be within [2, population={s.population}], got {s.top_k}")
     if s.tournament_size > s.population:

@@ -146,7 +146,7 @@ class GeneticSearch:
         self.seed = seed
         self.state = state or SearchState()
         self.on_generation = on_generation
-        self.pset = primitive_set(params.operators, params.terminals, params.constants)
+        self.pset = primitive_set(params.operators, params.terminals, params.constants, params.constants_as_leaves)
         self.simplify = Simplifier(evaluator.same_ranking, params.max_height, params.max_size, set(self.pset.mapping))
         tb = base.Toolbox()
         tb.register("expr", gp.genHalfAndHalf, pset=self.pset, min_=params.init_min_depth, max_=params.init_max_depth)
@@ -287,20 +287,32 @@ class GeneticSearch:
         return elites + children
 
     def _steady_state(self, pop: list[Individual]) -> list[Individual]:
-        self._assign(pop)
-        ranked = sorted(pop, key=lambda i: (i.fitness.values[0], len(i), str(i)))
-        top = ranked[: self.p.top_k]
-        parent_keys = {self.simplify(to_tree(i)).key for i in pop}
-        children = []
-        for _ in range(self.p.steps_per_generation):
-            a, b = random.sample(top, 2)
-            children.append(self._fresh(self._vary(a, b), parent_keys))
-        self.evaluate([to_tree(c) for c in children], self.state.generation + 1)
-        self._assign(children)
-        for child in children:  # each child replaces the current worst
-            pop.append(child)
-            worst = max(range(len(pop)), key=lambda j: (pop[j].fitness.values[0], len(pop[j]), str(pop[j]), j))
-            pop.pop(worst)
+        """``steps_per_generation`` children, bred and evaluated in batches of ``batch``: each batch
+        draws its parents from the current top k, and each child replaces the current worst
+        before the next batch is bred. ``batch: 1`` is the paper's loop, one child at a time;
+        larger batches keep several workers (or a multi-fidelity rung) busy. A generation is only
+        the unit of checkpointing here."""
+        batch = self.p.batch or self.p.steps_per_generation
+        done = 0
+        while done < self.p.steps_per_generation:
+            self._assign(pop)
+            ranked = sorted(pop, key=lambda i: (i.fitness.values[0], len(i), str(i)))
+            top = ranked[: self.p.top_k]
+            # a child may copy neither a member of the population nor a sibling of its batch
+            taken = {self.simplify(to_tree(i)).key for i in pop}
+            children = []
+            for _ in range(min(batch, self.p.steps_per_generation - done)):
+                a, b = random.sample(top, 2)
+                child = self._fresh(self._vary(a, b), taken)
+                taken.add(self.simplify(to_tree(child)).key)
+                children.append(child)
+            self.evaluate([to_tree(c) for c in children], self.state.generation + 1)
+            self._assign(children)
+            for child in children:  # each child replaces the current worst
+                pop.append(child)
+                worst = max(range(len(pop)), key=lambda j: (pop[j].fitness.values[0], len(pop[j]), str(pop[j]), j))
+                pop.pop(worst)
+            done += len(children)
         return pop
 
     def _assign(self, pop: Sequence[Individual]) -> None:
