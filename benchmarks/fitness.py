@@ -34,8 +34,8 @@ from prunerzero.fitness.model_fitness import ModelFitness
 from prunerzero.primitives.deap_set import primitive_set, to_tree
 from prunerzero.primitives.registry import DEFAULT_OPERATORS
 from prunerzero.primitives.tree import Tree
-from prunerzero.search.commands import fitness_settings
-from prunerzero.search.config import load_config
+from prunerzero.runs import fitness_settings
+from prunerzero.config import load_config
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.search.simplify import Simplifier
 
@@ -208,7 +208,7 @@ def plot_study(study: dict, path: Path) -> None:
 
 
 def _source(settings):
-    from prunerzero.pruning.models import resolve_model
+    from prunerzero.models import resolve_model
 
     return resolve_model(settings.model)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from prunerzero.pruning.calibration import Calibration, gradients_for
-from prunerzero.pruning.data import eval_tokens
+from prunerzero.data import eval_tokens
 from prunerzero.pruning.masks import Pattern
-from prunerzero.pruning.models import load_model
-from prunerzero.pruning.perplexity import perplexity
+from prunerzero.models import load_model
+from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.pruning.prune import PRUNER_ZERO_TREE, prune_model
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "pruner-zero"]

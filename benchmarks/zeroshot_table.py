@@ -14,9 +14,9 @@ import torch
 
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern
-from prunerzero.pruning.models import load_model
+from prunerzero.models import load_model
 from prunerzero.pruning.prune import PRUNER_ZERO_TREE, measure_sparsity, layer_sparsity_total, prune_model
-from prunerzero.pruning.zeroshot import KNOWN_TASKS, evaluate_zeroshot, format_table
+from prunerzero.evaluation.zeroshot import KNOWN_TASKS, evaluate_zeroshot, format_table
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def windows():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (first load converts the GGUF file and caches it; later loads take ~1 s)."""
-    from prunerzero.pruning.models import load_model
+    from prunerzero.models import load_model
 
     return load_model("smollm2-135m", "cpu")
 

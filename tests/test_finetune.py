@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from prunerzero.errors import UserError
-from prunerzero.pruning.finetune import (
+from prunerzero.recovery.lora import (
     LoraSettings,
     base_linears,
     base_sparsity,
@@ -17,7 +16,7 @@ from prunerzero.pruning.finetune import (
     merge_and_remask,
 )
 from prunerzero.pruning.masks import Pattern
-from prunerzero.pruning.models import prunable_linears
+from prunerzero.models import prunable_linears
 from prunerzero.pruning.prune import layer_sparsity_total, measure_sparsity, prune_model
 
 from tests.conftest import VOCAB, char_tokenizer
@@ -142,7 +141,7 @@ def test_yaml_unknown_key_is_rejected(tmp_path):
 
 def test_yaml_values_and_precedence(tmp_path):
     from prunerzero.cli import build_parser
-    from prunerzero.pruning.finetune import settings_from_args
+    from prunerzero.cli.finetune import settings_from_args
 
     path = tmp_path / "lora.yaml"
     path.write_text("rank: 4\nlr: 1e-3\ntargets: [q_proj, v_proj]\nsteps: 7\nbatch-size: 2\n")

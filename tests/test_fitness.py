@@ -11,7 +11,7 @@ from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.masks import Pattern
-from prunerzero.pruning.perplexity import perplexity
+from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.pruning.prune import masked_weights, prune_model, score_masks
 from tests.conftest import tiny_llama
 

@@ -67,7 +67,7 @@ def test_json_round_trip_and_reference_format(tmp_path):
 
 
 def test_published_tree_file_and_formula():
-    from prunerzero.cli import resolve_tree
+    from prunerzero.primitives.known import resolve_tree
 
     tree = resolve_tree("pruner-zero")
     assert str(tree) == "mul(abs(mul(W, W)), mms(G))"

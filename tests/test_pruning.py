@@ -6,7 +6,7 @@ import torch
 
 from prunerzero.errors import UserError
 from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
-from prunerzero.pruning.models import prunable_linears, resolve_model
+from prunerzero.models import prunable_linears, resolve_model
 from prunerzero.pruning.prune import (apply_masks, masked_weights, measure_sparsity,
                                       prune_model, restore_masks, score_masks, sparsegpt_prune)
 from prunerzero.pruning.stats import compute_gradients, load_gradients, save_tensors_atomic
@@ -205,7 +205,7 @@ def test_model_resolution_errors(tmp_path):
 def test_calibration_windows_are_seeded_and_do_not_touch_global_random(tmp_path):
     import random
 
-    from prunerzero.pruning.data import calibration_windows
+    from prunerzero.data import calibration_windows
 
     class CharTokenizer:
         def __call__(self, text, return_tensors=None):
@@ -230,7 +230,7 @@ def test_calibration_windows_are_seeded_and_do_not_touch_global_random(tmp_path)
 
 
 def test_wikitext_rows_follow_the_datasets_builder():
-    from prunerzero.pruning.data import find_data_file, text_rows
+    from prunerzero.data import find_data_file, text_rows
 
     if find_data_file("wikitext-2/wiki.test.raw") is None:
         pytest.fail("WikiText-2 test file not found; set PRUNERZERO_DATA to the shared data folder")
@@ -263,8 +263,8 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
 
     import torch.nn.functional as F
 
-    from prunerzero.pruning.data import calibration_windows, eval_tokens
-    from prunerzero.pruning.perplexity import perplexity
+    from prunerzero.data import calibration_windows, eval_tokens
+    from prunerzero.evaluation.perplexity import perplexity
 
     model, tokenizer, _ = smollm2
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -295,7 +295,7 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
 def test_sliced_head_loss_equals_the_full_logits_loss():
     import torch.nn.functional as F
 
-    from prunerzero.pruning.perplexity import LOSS_CHUNK, window_loss
+    from prunerzero.evaluation.perplexity import LOSS_CHUNK, window_loss
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
@@ -307,7 +307,7 @@ def test_sliced_head_loss_equals_the_full_logits_loss():
 
 
 def test_batched_windows_give_the_per_window_losses():
-    from prunerzero.pruning.perplexity import window_losses
+    from prunerzero.evaluation.perplexity import window_losses
     from tests.conftest import tiny_llama
 
     model = tiny_llama()

@@ -23,7 +23,7 @@ from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator
 from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_ready
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
-from prunerzero.pruning.models import SMOLLM2, cache_dir, load_model, resolve_model
+from prunerzero.models import SMOLLM2, cache_dir, load_model, resolve_model
 
 KNOWN = ["abs(W)", "mul(abs(W), sqrt(X))", "mul(abs(mul(W, W)), mms(G))", "sqrt(G)"]
 
@@ -114,7 +114,7 @@ def ids(handles) -> set:
 
 # ---------------------------------------------------------------------------- fast, no Ray start
 def test_fitness_tokens_from_a_text_prefix_equal_those_of_the_whole_text(smollm2_tokenizer):
-    from prunerzero.pruning.data import joined_tokens
+    from prunerzero.data import joined_tokens
 
     whole = joined_tokens(smollm2_tokenizer, "wikitext2", "validation", "\n\n")
     for need in (1024, 4096):

@@ -8,10 +8,10 @@ from prunerzero.cli import main
 from prunerzero.errors import UserError
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.stats import compute_gradients
-from prunerzero.report import fitness_figure, sparsity_sweep, sweep_figure
+from prunerzero.evaluation.report import fitness_figure, sparsity_sweep, sweep_figure
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.commands import run_search
-from prunerzero.search.config import config_from_dict
+from prunerzero.runs import run_search
+from prunerzero.config import config_from_dict
 
 from .conftest import tiny_llama
 
@@ -153,7 +153,7 @@ def test_fitness_figure_empty_log(tmp_path):
 
 
 def test_sweep_labels_name_known_metrics():
-    from prunerzero.report import _tree_label
+    from prunerzero.evaluation.report import _tree_label
 
     assert _tree_label(1, "mul(W, sqrt(X))") == "#1 mul(W, sqrt(X)) (= wanda)"
     assert _tree_label(2, "mul(W, X)") == "#2 mul(W, X)"

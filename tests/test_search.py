@@ -14,8 +14,8 @@ from prunerzero.primitives.registry import DEFAULT_OPERATORS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import prune_mask
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.commands import run_search
-from prunerzero.search.config import config_from_dict, load_config
+from prunerzero.runs import run_search
+from prunerzero.config import config_from_dict, load_config
 from prunerzero.search.simplify import Simplifier
 
 simplify = Simplifier(ReconstructionEvaluator().same_ranking)
@@ -132,7 +132,7 @@ def test_constant_metrics_get_the_worst_fitness_without_evaluation(tmp_path):
 
 def test_multi_fidelity_promotes_the_best_and_never_ranks_the_rest_above_them(tmp_path):
     from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
-    from prunerzero.search.engine import GeneticSearch, SearchState
+    from prunerzero.search.engine import GeneticSearch
 
     inner = CountingEvaluator()  # full budget: 8 blocks of 32 rows
     ev = MultiFidelityEvaluator(inner, low_budget=2, promote=0.25)
@@ -247,7 +247,7 @@ def test_export_writes_loadable_pruner_zero_trees(tmp_path, capsys):
 @pytest.mark.integration
 def test_two_generations_on_the_real_model(tmp_path, smollm2):
     from prunerzero.fitness.model_fitness import InProcessEvaluator, ModelFitness
-    from prunerzero.search.commands import fitness_settings
+    from prunerzero.runs import fitness_settings
 
     model, tokenizer, source = smollm2
     cfg = config_from_dict({
@@ -266,7 +266,7 @@ def test_two_generations_on_the_real_model(tmp_path, smollm2):
 
 
 def test_resume_seeds_the_mask_cache_with_measured_fitnesses_only(tmp_path):
-    from prunerzero.search.commands import known_masks
+    from prunerzero.runs import known_masks
     from prunerzero.search.engine import SearchState
 
     cfg = config_from_dict({"fitness": {"windows": 4, "multi_fidelity": {"low_windows": 1, "promote": 0.5}}})

@@ -13,11 +13,11 @@ from prunerzero.primitives.registry import EXTENDED_OPERATORS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.equivalence import same_masks, synthetic_probes
 from prunerzero.pruning.masks import Pattern, prune_mask
-from prunerzero.pruning.models import prunable_linears
+from prunerzero.models import prunable_linears
 from prunerzero.pruning.prune import prune_model
 from prunerzero.pruning.layerwise import iterate_blocks
-from prunerzero.search.commands import run_search
-from prunerzero.search.config import config_from_dict
+from prunerzero.runs import run_search
+from prunerzero.config import config_from_dict
 from prunerzero.search.simplify import Simplifier
 from tests.conftest import tiny_llama
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from prunerzero.errors import UserError
-from prunerzero.pruning import data as data_mod
-from prunerzero.pruning import zeroshot
-from prunerzero.pruning.zeroshot import (
+from prunerzero import data as data_mod
+from prunerzero.evaluation import zeroshot
+from prunerzero.evaluation.zeroshot import (
     KNOWN_TASKS,
     build_task,
     check_tasks,
@@ -195,7 +195,7 @@ def tokenizer():
     """The SmolLM2 tokenizer: from the converted-model cache, else from the GGUF file."""
     from transformers import AutoTokenizer
 
-    from prunerzero.pruning.models import cache_dir, resolve_model
+    from prunerzero.models import cache_dir, resolve_model
 
     try:
         source = resolve_model("smollm2-135m")

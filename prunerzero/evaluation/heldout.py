@@ -31,10 +31,10 @@ from prunerzero.files import read_json, write_json
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
-from prunerzero.pruning.data import joined_tokens, text_rows
+from prunerzero.data import joined_tokens, text_rows
 from prunerzero.pruning.masks import Pattern, check_sparsity
-from prunerzero.pruning.models import load_model
-from prunerzero.pruning.perplexity import perplexity
+from prunerzero.models import load_model
+from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.pruning.prune import METHODS, prune_model
 
 log = logging.getLogger(__name__)

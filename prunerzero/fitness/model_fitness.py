@@ -29,10 +29,10 @@ from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
 from prunerzero.memory import keep_freed_memory
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
-from prunerzero.pruning.data import joined_tokens
+from prunerzero.data import joined_tokens
 from prunerzero.pruning.masks import PackedMask, PackedMasks, Pattern, check_sparsity, prune_mask
-from prunerzero.pruning.models import load_model, prunable_linears, resolve_model
-from prunerzero.pruning.perplexity import window_losses
+from prunerzero.models import load_model, prunable_linears, resolve_model
+from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.pruning.equivalence import probes_from_layers
 from prunerzero.pruning.prune import Removed, UnrankableLayer, layer_stats, masked_weights, prune_model, unrankable
 from prunerzero.pruning.stats import (GRADIENT_SCALE, cache_key, collect_activation_norms, load_tensors_mapped,

@@ -42,7 +42,7 @@ from prunerzero.errors import UserError
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
 from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics, statistics_paths
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.models import load_model
+from prunerzero.models import load_model
 
 log = logging.getLogger(__name__)
 

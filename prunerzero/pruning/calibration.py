@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunerzero.pruning.data import calibration_windows
-from prunerzero.pruning.models import ModelSource, cache_dir
+from prunerzero.data import calibration_windows
+from prunerzero.models import ModelSource, cache_dir
 from prunerzero.pruning.stats import cached_gradients
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from prunerzero.pruning.models import decoder_layers, linear_layers, model_device
+from prunerzero.models import decoder_layers, linear_layers, model_device
 
 
 @dataclass

@@ -26,7 +26,7 @@ from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
 from prunerzero.pruning.masks import PackedMasks, Pattern, prune_mask
-from prunerzero.pruning.models import prunable_linears
+from prunerzero.models import prunable_linears
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from prunerzero.errors import UserError
 from prunerzero.primitives.registry import finite
 from prunerzero.pruning.layerwise import iterate_blocks
-from prunerzero.pruning.models import model_device, prunable_linears
+from prunerzero.models import model_device, prunable_linears
 
 log = logging.getLogger(__name__)
 

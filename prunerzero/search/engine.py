@@ -32,7 +32,7 @@ from prunerzero.fitness.base import WORST_FITNESS, Evaluator
 from prunerzero.primitives.deap_set import Individual, primitive_set, repair_pow, to_individual, to_tree
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
-from prunerzero.search.config import SearchSection
+from prunerzero.config import SearchSection
 from prunerzero.search.simplify import Simplifier, symbolic_key
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from prunerzero.errors import UserError
-from prunerzero.pruning.models import model_device
+from prunerzero.models import model_device
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ installed ``lm_eval/tasks`` folder, with its own ``!function`` hooks (hellaswag 
 winogrande partial scoring), so prompts (``doc_to_text``), choices, targets, output type and
 metrics are those of the harness itself, not a copy. Only where the documents come from changes:
 when the task's local file is found (a ``--data-dir``, ``$PRUNERZERO_DATA``, ``../shared/data``,
-see :func:`prunerzero.pruning.data.find_data_file`), the config gets a ``custom_dataset`` that
+see :func:`prunerzero.data.find_data_file`), the config gets a ``custom_dataset`` that
 converts the file, in memory, to the rows of the hub dataset the stock task loads; otherwise the
 stock task loads its dataset from the hub, and if the hub cannot be reached either,
 :func:`check_tasks` says which file it expected where.
@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from prunerzero.errors import UserError
-from prunerzero.pruning.data import data_roots, find_data_file
+from prunerzero.data import data_roots, find_data_file
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,19 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from prunerzero.errors import UserError
+from prunerzero.data import eval_tokens
+from prunerzero.evaluation.perplexity import perplexity, window_count
+from prunerzero.fitness.base import WORST_FITNESS
+from prunerzero.models import load_model
+from prunerzero.models import pick_device
+from prunerzero.primitives.known import KNOWN_METRICS
+from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.calibration import Calibration, gradients_for
+from prunerzero.pruning.masks import Pattern
+from prunerzero.pruning.masks import check_sparsity
+from prunerzero.pruning.prune import METHODS, prune_model
+from prunerzero.search import checkpoint as ckpt
+from prunerzero.search.simplify import symbolic_key
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +67,6 @@ def _restore(model: Any, dense: Mapping[str, Any]) -> None:
 
 def sweep_cells(sparsities: Sequence[float], patterns: Sequence[str]) -> list[tuple[str, float]]:
     """(pattern, sparsity) of every cell: each unstructured sparsity, then each N:M pattern at N/M."""
-    from prunerzero.pruning.masks import Pattern, check_sparsity
-
     cells = [("unstructured", check_sparsity(s, Pattern())) for s in sparsities]
     for text in patterns:
         p = Pattern.parse(text)
@@ -92,11 +103,6 @@ def sparsity_sweep(
     when this returns. ``on_cell(row)`` is called after each cell, once the weights are restored.
     """
     import torch
-
-    from prunerzero.primitives.tree import Tree
-    from prunerzero.pruning.masks import Pattern
-    from prunerzero.pruning.perplexity import perplexity, window_count
-    from prunerzero.pruning.prune import METHODS, prune_model
 
     methods: list[tuple[str, str, Tree | None]] = []
     for b in baselines:
@@ -171,10 +177,6 @@ def _parse_patterns(text: str) -> list[str]:
 
 def _tree_label(rank: int, formula: str) -> str:
     """``#1 mul(W, sqrt(X))``, with ``(= wanda)`` when the metric is a known one in another spelling."""
-    from prunerzero.primitives.known import KNOWN_METRICS
-    from prunerzero.primitives.tree import Tree
-    from prunerzero.search.simplify import symbolic_key
-
     key = symbolic_key(Tree.parse(formula))
     same = [n for n, m in KNOWN_METRICS.items() if symbolic_key(m.tree) == key]
     return f"#{rank} {formula}" + (f" (= {same[0]})" if same else "")
@@ -182,12 +184,6 @@ def _tree_label(rank: int, formula: str) -> str:
 
 def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """The sweep of a run's top metrics on the run's model, with the calibration of the run."""
-    from prunerzero.cli import pick_device
-    from prunerzero.primitives.tree import Tree
-    from prunerzero.pruning.calibration import Calibration, gradients_for
-    from prunerzero.pruning.data import eval_tokens
-    from prunerzero.pruning.models import load_model
-
     sparsities, patterns = _parse_sparsities(args.sweep_sparsities), _parse_patterns(args.patterns)
     sweep_cells(sparsities, patterns)  # validate before loading anything
     device = pick_device(args.device or (cfg.get("model") or {}).get("device") or "auto")
@@ -277,8 +273,6 @@ def _save(fig: Any, path: Path) -> bytes:
 def fitness_figure(state: Any, ylabel: str, title: str, path: Path) -> bytes | None:
     """Best-so-far and population median per generation (log scale); PNG bytes, also written to ``path``."""
     from matplotlib.ticker import MaxNLocator
-
-    from prunerzero.fitness.base import WORST_FITNESS
 
     rows = [r for r in state.log if r.get("best") is not None]
     if not rows:
@@ -463,8 +457,6 @@ def fitness_label(cfg: dict[str, Any] | None) -> str:
 
 
 def _known_metrics(state: Any) -> list[tuple[str, str, float]]:
-    from prunerzero.primitives.known import KNOWN_METRICS
-
     out = []
     for name, metric in KNOWN_METRICS.items():
         try:
@@ -576,8 +568,6 @@ def _now() -> str:
 
 
 def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    from prunerzero.search import checkpoint as ckpt
-
     path = run_dir / ckpt.CONFIG
     if not path.is_file():
         return None, None
@@ -600,8 +590,6 @@ def _json_safe(v: Any) -> Any:
 
 
 def make_report(args: argparse.Namespace) -> Path:
-    from prunerzero.search import checkpoint as ckpt
-
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; give a folder made by `prunerzero search` (runs/NAME)")
@@ -634,31 +622,3 @@ def make_report(args: argparse.Namespace) -> Path:
     page = render_html(run_dir, state, cfg, config_text, hof, fitness_png, sweep, sweep_png, fresh, args.top)
     ckpt.write_atomic(out, page)
     return out
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    out = make_report(args)
-    print(f"wrote {out}")
-
-
-def register(sub: Any) -> None:
-    from prunerzero.cli import positive_int
-
-    p = sub.add_parser("report", help="HTML report of a search run (config, best metrics, counters, plots; --sweep: perplexity sweep)")
-    p.add_argument("run", help="run folder (runs/NAME)")
-    p.add_argument("--out", metavar="FILE.html", default=None, help=f"output HTML file (default RUN/{REPORT})")
-    p.add_argument("--top", type=positive_int, metavar="K", default=3, help="metrics compared in the sweep (default 3); the table lists max(K, 10)")
-    p.add_argument("--sweep", action="store_true", help="measure WikiText-2 test perplexity of the top metrics and the baselines "
-                   f"at several sparsities (loads the model; writes RUN/{SWEEP_JSON} and RUN/{SWEEP_PLOT})")
-    p.add_argument("--sweep-windows", type=positive_int, metavar="W", default=4, help="evaluate the first W test windows (default 4)")
-    p.add_argument("--sweep-sparsities", metavar="S1,S2,...", default=",".join(map(str, DEFAULT_SPARSITIES)),
-                   help="unstructured sparsities, comma separated (default 0.3,0.4,0.5,0.6,0.7)")
-    p.add_argument("--patterns", metavar="N:M,...", default=",".join(DEFAULT_PATTERNS), help="N:M patterns, comma separated, or none (default 2:4,4:8)")
-    p.add_argument("--nsamples", type=positive_int, metavar="N", default=None, help="calibration windows (default: the run's)")
-    p.add_argument("--seqlen", type=positive_int, metavar="L", default=None, help="tokens per calibration window (default: the run's)")
-    p.add_argument("--eval-seqlen", type=positive_int, metavar="S", default=None, help="tokens per test window (default 1024 on CPU, 2048 on GPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the run's)")
-    p.add_argument("--data-dir", default=None, help="data folder (default: the run's, else $PRUNERZERO_DATA, ../shared/data)")
-    p.add_argument("--cache-dir", default=None, help="gradient cache when the calibration differs from the run's "
-                   "(default ~/.cache/prunerzero/gradients)")
-    p.set_defaults(func=cmd_report)

@@ -1,0 +1,95 @@
+"""What several commands share: model, calibration and pruning flags, validated before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from prunerzero import files
+from prunerzero.errors import UserError
+from prunerzero.primitives.known import resolve_tree
+from prunerzero.pruning.calibration import Calibration, gradients_for
+from prunerzero.pruning.masks import Pattern, check_sparsity
+from prunerzero.pruning.prune import METHODS, prune_model
+from prunerzero.pruning.stats import load_gradients
+
+log = logging.getLogger(__name__)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        files.write_json(path, data)
+        log.info("wrote %s", path)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="hub id, local folder, .gguf file or smollm2-135m (default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--data-dir", default=None, help="folder with wikitext-2/, c4/, zeroshot/ (else $PRUNERZERO_DATA, ../shared/data, hub)")
+
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-data", default="wikitext2", help="wikitext2 (validation split), c4 (train) or a text file")
+    p.add_argument("--nsamples", type=positive_int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    p.add_argument("--gradients", default=None, help="gradient file (safetensors, or the reference .pth); else computed and cached")
+    p.add_argument("--cache-dir", default=None, help="gradient cache folder (default ~/.cache/prunerzero/gradients)")
+
+
+def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+
+    p.add_argument("--method", choices=METHODS, required=required)
+    p.add_argument("--tree", default=None, help="JSON tree file, formula, or packaged name (pruner-zero)")
+    p.add_argument("--sparsity", default=None, help="fraction of weights pruned, in (0, 1); N/M for N:M (default 0.5)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
+
+
+def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
+    """Validate the pruning flags before anything is loaded: (pattern, sparsity, tree)."""
+
+    pattern = Pattern.parse(args.pattern)
+    default = pattern.n / pattern.m if pattern.structured else 0.5
+    sparsity = check_sparsity(args.sparsity if args.sparsity is not None else default, pattern)
+    tree = resolve_tree(args.tree) if args.tree else None
+    if args.method == "tree" and tree is None:
+        raise UserError("--method tree needs --tree FILE.json (or --tree pruner-zero for the published metric)")
+    if args.method != "tree" and tree is not None:
+        raise UserError(f"--tree is only used with --method tree, not {args.method}")
+    if args.gradients and not Path(args.gradients).is_file():
+        raise UserError(f"gradient file {args.gradients} does not exist; compute one with `prunerzero gradients`")
+    return pattern, sparsity, tree
+
+
+def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
+    """Prune per the flags; returns the report."""
+
+    pattern, sparsity, tree = check_prune_args(args)
+    needs_calib = args.method in ("wanda", "sparsegpt") or (tree is not None and tree.terminals & {"X", "G"})
+    calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
+    windows = calib.windows(tokenizer) if needs_calib else None
+    gradients = None
+    if tree is not None and "G" in tree.terminals:
+        gradients = load_gradients(args.gradients, model) if args.gradients else gradients_for(model, source, windows, calib, args.cache_dir)
+    return prune_model(model, args.method, sparsity, pattern, windows=windows, tree=tree, gradients=gradients)
+
+
+def save_model(model, tokenizer, folder: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    log.info("saved pruned model to %s", folder)
+
+

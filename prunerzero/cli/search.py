@@ -1,0 +1,109 @@
+"""``prunerzero search | export | heldout``: run, resume, export and check searches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prunerzero.config import HeldoutSection, config_from_dict, load_config, validate
+from prunerzero.errors import UserError
+from prunerzero.evaluation.heldout import format_table
+from prunerzero.files import write_json
+from prunerzero.runs import _load_yaml, _run_config, fingerprint, run_heldout, run_search
+from prunerzero.search import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / ckpt.CONFIG).is_file():
+            raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
+        cfg = load_config(args.config) if args.config else config_from_dict(_load_yaml(run_dir / ckpt.CONFIG))
+        cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+        validate(cfg)
+    elif args.config:
+        cfg = load_config(args.config)
+        if args.name is not None:
+            cfg.name = args.name
+        if args.output_dir is not None:
+            cfg.output_dir = args.output_dir
+        validate(cfg)
+    else:
+        raise UserError("give --config FILE.yaml to start a search, or --resume runs/NAME to continue one")
+    if args.dry_run:
+        fp = fingerprint(cfg)
+        print(json.dumps({"valid": True, "run_dir": str(cfg.run_dir), "fingerprint": fp}, indent=2))
+        return
+    state = run_search(cfg, resume=bool(args.resume), force=args.force, generations=args.generations)
+    for r in ckpt.export_trees(state, 5)["trees"]:
+        print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  {r['formula']}")
+    if cfg.heldout is not None and cfg.evaluator.type != "reconstruction" and not args.no_heldout:
+        print(format_table(run_heldout(cfg.run_dir, cfg, state), cfg.heldout.texts))
+
+
+def cmd_heldout(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run)
+    cfg = _run_config(run_dir)
+    state, _ = ckpt.load_checkpoint(run_dir)
+    h = cfg.heldout or HeldoutSection()
+    h = HeldoutSection(top_k=h.top_k if args.top_k is None else args.top_k, baselines=h.baselines,
+                       texts=args.texts.split(",") if args.texts else h.texts,
+                       windows=h.windows if args.windows is None else args.windows,
+                       seqlen=h.seqlen if args.seqlen is None else args.seqlen)
+    cfg.heldout = h
+    validate(cfg)
+    print(format_table(run_heldout(run_dir, cfg, state, h), h.texts))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run)
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    state, _ = ckpt.load_checkpoint(run_dir)
+    data = ckpt.export_pareto(state) if args.pareto else ckpt.export_trees(state, args.top)
+    if not data["trees"]:
+        raise UserError(f"{run_dir} has no evaluated metric yet")
+    default = "pareto.json" if args.pareto else "export.json"
+    out = Path(args.out) if args.out else run_dir / default
+    protected = ckpt.run_files(run_dir)
+    write_json(out, data, protected)
+    if args.tree_files:
+        for r in data["trees"]:
+            write_json(out.parent / f"{out.stem}-rank{r['rank']}.json", r["tree"], protected)
+    for r in data["trees"]:
+        print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  gen {r['generation']:>3}  {r['formula']}")
+    print(f"wrote {out} (load a tree with: prunerzero prune --method tree --tree {out})")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("search", help="evolve pruning metrics (start from a YAML config, or resume a run)")
+    p.add_argument("--config", default=None, help="YAML config (configs/smollm2-135m.yaml, configs/quick.yaml, ...)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the search in this run folder")
+    p.add_argument("--generations", type=int, default=None, help="total generations to reach (default: the config's)")
+    p.add_argument("--name", default=None, help="run name (folder under output_dir); default: the config's")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--force", action="store_true", help="resume even if the search space or fitness changed")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and exit, loading nothing")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("heldout", help="held-out perplexity of a run's best metrics and the baselines (resumable)")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("--top-k", type=int, default=None, help="metrics of the hall of fame to measure (default: the config's)")
+    p.add_argument("--texts", default=None, help="comma separated: wikitext2:test,c4:validation")
+    p.add_argument("--windows", type=int, default=None, help="evaluation windows per text (default: the config's)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window")
+    p.set_defaults(func=cmd_heldout)
+
+    p = sub.add_parser("export", help="write the best trees of a run in the Pruner-Zero JSON format")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--out", default=None, help="output JSON (default RUN/export.json); loadable by prune --tree")
+    p.add_argument("--tree-files", action="store_true", help="also write one bare tree file per rank")
+    p.add_argument("--pareto", action="store_true", help="export the Pareto front of fitness against size instead")
+    p.set_defaults(func=cmd_export)
