@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from deap import gp
 
+from prunerzero.config import load_config
 from prunerzero.fitness.model_fitness import ModelFitness
 from prunerzero.primitives.deap_set import primitive_set, to_tree
+from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.registry import DEFAULT_OPERATORS
 from prunerzero.primitives.tree import Tree
 from prunerzero.runs import fitness_settings
-from prunerzero.config import load_config
-from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.search.simplify import Simplifier
 
 log = logging.getLogger("benchmark")

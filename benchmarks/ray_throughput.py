@@ -27,10 +27,15 @@ import time
 import ray
 
 from prunerzero.fitness.model_fitness import FitnessSettings
-from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_paths, statistics_ready
+from prunerzero.fitness.ray_pool import (
+    RayEvaluator,
+    RaySettings,
+    statistics_paths,
+    statistics_ready,
+)
+from prunerzero.models import load_model, prunable_linears
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
-from prunerzero.models import load_model, prunable_linears
 
 TREES = [
     "abs(W)",  # magnitude

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.data import eval_tokens
-from prunerzero.pruning.masks import Pattern
-from prunerzero.models import load_model
 from prunerzero.evaluation.perplexity import perplexity
+from prunerzero.models import load_model
+from prunerzero.pruning.calibration import Calibration, gradients_for
+from prunerzero.pruning.masks import Pattern
 from prunerzero.pruning.prune import PRUNER_ZERO_TREE, prune_model
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "pruner-zero"]

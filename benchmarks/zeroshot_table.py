@@ -12,11 +12,16 @@ import logging
 
 import torch
 
+from prunerzero.evaluation.zeroshot import KNOWN_TASKS, evaluate_zeroshot, format_table
+from prunerzero.models import load_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern
-from prunerzero.models import load_model
-from prunerzero.pruning.prune import PRUNER_ZERO_TREE, measure_sparsity, layer_sparsity_total, prune_model
-from prunerzero.evaluation.zeroshot import KNOWN_TASKS, evaluate_zeroshot, format_table
+from prunerzero.pruning.prune import (
+    PRUNER_ZERO_TREE,
+    layer_sparsity_total,
+    measure_sparsity,
+    prune_model,
+)
 
 
 def main() -> None:

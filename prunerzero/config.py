@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import CONSTANTS, DEFAULT_OPERATORS, OPERATORS, TERMINALS, constant_name, is_constant
+from prunerzero.primitives.registry import (
+    CONSTANTS,
+    DEFAULT_OPERATORS,
+    OPERATORS,
+    TERMINALS,
+    constant_name,
+    is_constant,
+)
 from prunerzero.pruning.masks import Pattern, check_sparsity
 
 log = logging.getLogger(__name__)

@@ -7,22 +7,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-
+from prunerzero.config import HeldoutSection, SearchConfig, config_from_dict, load_yaml
 from prunerzero.errors import UserError
-from prunerzero.evaluation.heldout import Cell, CellRunner, cells_for, known_cell, summary
+from prunerzero.evaluation.heldout import (
+    Cell,
+    CellRunner,
+    cells_for,
+    known_cell,
+    summary,
+)
 from prunerzero.files import write_json
-from prunerzero.models import pick_device
 from prunerzero.fitness.base import Evaluator, mask_cache_key
-from prunerzero.primitives.deap_set import space_fingerprint
-from prunerzero.search import checkpoint as ckpt
-from prunerzero.config import (HeldoutSection, SearchConfig, config_from_dict, load_yaml)
-from prunerzero.search.engine import GeneticSearch, SearchState
-from prunerzero.fitness.model_fitness import FitnessSettings
-from prunerzero.fitness.model_fitness import InProcessEvaluator
+from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator
 from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
 from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
+from prunerzero.models import pick_device
+from prunerzero.primitives.deap_set import space_fingerprint
 from prunerzero.pruning.calibration import Calibration
+from prunerzero.search import checkpoint as ckpt
+from prunerzero.search.engine import GeneticSearch, SearchState
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from prunerzero.errors import UserError
+from prunerzero.models import prunable_linears
+from prunerzero.pruning.masks import Pattern
+from prunerzero.pruning.prune import layer_sparsity_total, measure_sparsity, prune_model
 from prunerzero.recovery.lora import (
     LoraSettings,
     base_linears,
@@ -15,11 +18,8 @@ from prunerzero.recovery.lora import (
     finetune_lora,
     merge_and_remask,
 )
-from prunerzero.pruning.masks import Pattern
-from prunerzero.models import prunable_linears
-from prunerzero.pruning.prune import layer_sparsity_total, measure_sparsity, prune_model
-
 from tests.conftest import VOCAB, char_tokenizer
+
 SEQLEN = 32
 
 

@@ -6,12 +6,17 @@ import pytest
 import torch
 
 from prunerzero.errors import UserError
+from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.fitness.base import WORST_FITNESS
-from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, ModelFitness, mask_key
+from prunerzero.fitness.model_fitness import (
+    FitnessSettings,
+    InProcessEvaluator,
+    ModelFitness,
+    mask_key,
+)
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.masks import Pattern
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.pruning.prune import masked_weights, prune_model, score_masks
 from tests.conftest import tiny_llama
 

@@ -8,13 +8,13 @@ import pytest
 import yaml
 
 from prunerzero.cli import main
+from prunerzero.config import config_from_dict, load_config
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
 from prunerzero.primitives.tree import Tree
-from prunerzero.search import checkpoint as ckpt
 from prunerzero.runs import run_search
-from prunerzero.config import config_from_dict, load_config
+from prunerzero.search import checkpoint as ckpt
 from tests.conftest import local_data, tiny_model_folder
 
 RECON = {"seed": 3, "search": {"population": 8, "generations": 2}, "evaluator": {"type": "reconstruction"}}

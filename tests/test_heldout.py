@@ -6,7 +6,13 @@ import pytest
 
 from prunerzero.errors import UserError
 from prunerzero.evaluation import heldout as ho
-from prunerzero.evaluation.heldout import Cell, CellRunner, format_table, known_cell, summary
+from prunerzero.evaluation.heldout import (
+    Cell,
+    CellRunner,
+    format_table,
+    known_cell,
+    summary,
+)
 from tests.conftest import local_data, tiny_model_folder
 
 

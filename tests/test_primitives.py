@@ -1,4 +1,5 @@
 import json
+
 import pytest
 import sympy
 import torch
@@ -6,6 +7,7 @@ import torch
 from prunerzero.errors import UserError
 from prunerzero.primitives.registry import OPERATORS, Operator, finite, register
 from prunerzero.primitives.tree import Tree
+
 
 def test_every_operator_is_protected_on_hostile_inputs():
     hostile = [torch.zeros(3, 5), torch.full((3, 5), -1e38), torch.full((3, 5), 1e38), torch.full((3, 5), float("nan")),

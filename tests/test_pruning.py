@@ -1,15 +1,26 @@
-from prunerzero.primitives.known import known_tree
 import json
 
 import pytest
 import torch
 
 from prunerzero.errors import UserError
-from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.models import prunable_linears, resolve_model
-from prunerzero.pruning.prune import (apply_masks, masked_weights, measure_sparsity,
-                                      prune_model, restore_masks, score_masks, sparsegpt_prune)
-from prunerzero.pruning.stats import compute_gradients, load_gradients, save_tensors_atomic
+from prunerzero.primitives.known import known_tree
+from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.prune import (
+    apply_masks,
+    masked_weights,
+    measure_sparsity,
+    prune_model,
+    restore_masks,
+    score_masks,
+    sparsegpt_prune,
+)
+from prunerzero.pruning.stats import (
+    compute_gradients,
+    load_gradients,
+    save_tensors_atomic,
+)
 
 
 def test_unstructured_mask_prunes_exactly_per_row_like_the_reference():
@@ -92,8 +103,8 @@ def test_wanda_equals_the_tree_mul_abs_w_sqrt_x(windows):
 
 
 def test_magnitude_equals_tree_abs_w_and_pruner_zero_uses_g(windows):
-    from tests.conftest import tiny_llama
     from prunerzero.primitives.tree import Tree
+    from tests.conftest import tiny_llama
 
     a, b = tiny_llama(), tiny_llama()
     prune_model(a, "magnitude", 0.5, Pattern(2, 4))

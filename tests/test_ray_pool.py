@@ -19,11 +19,16 @@ import torch
 
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS
-from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, mask_key, prepare_statistics
+from prunerzero.fitness.model_fitness import (
+    FitnessSettings,
+    InProcessEvaluator,
+    mask_key,
+    prepare_statistics,
+)
 from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_ready
+from prunerzero.models import SMOLLM2, cache_dir, load_model, resolve_model
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
-from prunerzero.models import SMOLLM2, cache_dir, load_model, resolve_model
 
 KNOWN = ["abs(W)", "mul(abs(W), sqrt(X))", "mul(abs(mul(W, W)), mms(G))", "sqrt(G)"]
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from prunerzero.cli import main
+from prunerzero.config import config_from_dict
 from prunerzero.errors import UserError
+from prunerzero.evaluation.report import fitness_figure, sparsity_sweep, sweep_figure
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.stats import compute_gradients
-from prunerzero.evaluation.report import fitness_figure, sparsity_sweep, sweep_figure
-from prunerzero.search import checkpoint as ckpt
 from prunerzero.runs import run_search
-from prunerzero.config import config_from_dict
+from prunerzero.search import checkpoint as ckpt
 
 from .conftest import tiny_llama
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from deap import gp
 
+from prunerzero.config import config_from_dict, load_config
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
@@ -13,9 +14,8 @@ from prunerzero.primitives.deap_set import primitive_set, to_tree
 from prunerzero.primitives.registry import DEFAULT_OPERATORS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import prune_mask
-from prunerzero.search import checkpoint as ckpt
 from prunerzero.runs import run_search
-from prunerzero.config import config_from_dict, load_config
+from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.simplify import Simplifier
 
 simplify = Simplifier(ReconstructionEvaluator().same_ranking)

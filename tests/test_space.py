@@ -5,19 +5,19 @@ import json
 import pytest
 import torch
 
+from prunerzero.config import config_from_dict
 from prunerzero.errors import UserError
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
+from prunerzero.models import prunable_linears
 from prunerzero.primitives.deap_set import primitive_set, repair_pow, to_tree
 from prunerzero.primitives.known import KNOWN_METRICS, known_tree, resolve_tree
 from prunerzero.primitives.registry import EXTENDED_OPERATORS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.equivalence import same_masks, synthetic_probes
-from prunerzero.pruning.masks import Pattern, prune_mask
-from prunerzero.models import prunable_linears
-from prunerzero.pruning.prune import prune_model
 from prunerzero.pruning.layerwise import iterate_blocks
+from prunerzero.pruning.masks import Pattern, prune_mask
+from prunerzero.pruning.prune import prune_model
 from prunerzero.runs import run_search
-from prunerzero.config import config_from_dict
 from prunerzero.search.simplify import Simplifier
 from tests.conftest import tiny_llama
 
@@ -83,6 +83,7 @@ def test_repair_gives_every_pow_a_constant_exponent():
 
     pset = primitive_set(list(EXTENDED_OPERATORS), ["W", "G", "X"], ["0.5", "2"])
     from deap import gp
+
     from prunerzero.primitives.deap_set import Individual
 
     random.seed(1)

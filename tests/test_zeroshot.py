@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from prunerzero.errors import UserError
 from prunerzero import data as data_mod
+from prunerzero.errors import UserError
 from prunerzero.evaluation import zeroshot
 from prunerzero.evaluation.zeroshot import (
     KNOWN_TASKS,

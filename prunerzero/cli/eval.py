@@ -7,8 +7,15 @@ import json
 import logging
 from typing import Any
 
-from prunerzero.cli.common import (add_calibration_args, add_model_args, add_prune_args, check_prune_args, positive_int,
-                                   prune_from_args, write_json)
+from prunerzero.cli.common import (
+    add_calibration_args,
+    add_model_args,
+    add_prune_args,
+    check_prune_args,
+    positive_int,
+    prune_from_args,
+    write_json,
+)
 from prunerzero.data import eval_tokens
 from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.evaluation.zeroshot import check_tasks, evaluate_zeroshot, format_table

@@ -16,7 +16,13 @@ from prunerzero.cli.common import positive_int, write_json
 from prunerzero.data import eval_tokens
 from prunerzero.evaluation.perplexity import perplexity, window_count
 from prunerzero.models import load_model, pick_device
-from prunerzero.recovery.lora import (LoraSettings, _tail_mean, base_sparsity, finetune_lora, merge_and_remask)
+from prunerzero.recovery.lora import (
+    LoraSettings,
+    _tail_mean,
+    base_sparsity,
+    finetune_lora,
+    merge_and_remask,
+)
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from prunerzero.cli.common import add_calibration_args, add_model_args
 from prunerzero.models import load_model, pick_device

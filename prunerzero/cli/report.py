@@ -6,7 +6,14 @@ import argparse
 from typing import Any
 
 from prunerzero.cli.common import positive_int
-from prunerzero.evaluation.report import DEFAULT_PATTERNS, DEFAULT_SPARSITIES, REPORT, SWEEP_JSON, SWEEP_PLOT, make_report
+from prunerzero.evaluation.report import (
+    DEFAULT_PATTERNS,
+    DEFAULT_SPARSITIES,
+    REPORT,
+    SWEEP_JSON,
+    SWEEP_PLOT,
+    make_report,
+)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -12,7 +12,13 @@ from prunerzero.config import HeldoutSection, config_from_dict, load_config, val
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
 from prunerzero.files import write_json
-from prunerzero.runs import _load_yaml, _run_config, fingerprint, run_heldout, run_search
+from prunerzero.runs import (
+    _load_yaml,
+    _run_config,
+    fingerprint,
+    run_heldout,
+    run_search,
+)
 from prunerzero.search import checkpoint as ckpt
 
 log = logging.getLogger(__name__)

@@ -26,15 +26,15 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from prunerzero.data import joined_tokens, text_rows
 from prunerzero.errors import UserError
+from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.files import read_json, write_json
+from prunerzero.models import load_model
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
-from prunerzero.data import joined_tokens, text_rows
 from prunerzero.pruning.masks import Pattern, check_sparsity
-from prunerzero.models import load_model
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.pruning.prune import METHODS, prune_model
 
 log = logging.getLogger(__name__)

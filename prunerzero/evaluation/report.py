@@ -2,53 +2,46 @@
 
 The page shows the run's configuration, its best metrics, the search counters and the
 fitness-over-generations plot, all read from the run folder (no model is loaded). With
-``--sweep`` it also measures WikiText-2 *test* perplexity of the top metrics against magnitude,
-Wanda and SparseGPT at several unstructured sparsities and N:M patterns (this loads the run's
-model and costs one pruning and one evaluation per cell); the sweep is written to
-``RUN/sweep.json`` and ``RUN/sweep.png``, and a later report without ``--sweep`` shows it again.
-
-:func:`sparsity_sweep` is the model-level part and takes pre-tokenized text, so it can be
-called on any in-memory model.
+``--sweep`` it also measures WikiText-2 *test* perplexity of the top metrics against the
+baselines (:mod:`prunerzero.evaluation.sweep`); the sweep is written to ``RUN/sweep.json`` and
+``RUN/sweep.png``, and a later report without ``--sweep`` shows it again.
 """
 
-from __future__ import annotations
 
 import argparse
 import base64
-import datetime as _dt
 import html
 import json
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from prunerzero.errors import UserError
-from prunerzero.data import eval_tokens
-from prunerzero.evaluation.perplexity import perplexity, window_count
-from prunerzero.fitness.base import WORST_FITNESS
-from prunerzero.models import load_model
-from prunerzero.models import pick_device
 from prunerzero.primitives.known import KNOWN_METRICS
-from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.calibration import Calibration, gradients_for
-from prunerzero.pruning.masks import Pattern
-from prunerzero.pruning.masks import check_sparsity
-from prunerzero.pruning.prune import METHODS, prune_model
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.simplify import symbolic_key
 
 log = logging.getLogger(__name__)
 
+from prunerzero.evaluation.plots import _finite, _short, fitness_figure, sweep_figure  # noqa: F401
+from prunerzero.evaluation.sweep import (  # noqa: F401
+    BASELINES,
+    DEFAULT_PATTERNS,
+    DEFAULT_SPARSITIES,
+    SWEEP_JSON,
+    SWEEP_PLOT,
+    _now,
+    _parse_patterns,
+    _parse_sparsities,
+    _tree_label,
+    run_sweep,
+    sparsity_sweep,
+    sweep_cells,
+)
+
 REPORT = "report.html"
-SWEEP_JSON = "sweep.json"
-SWEEP_PLOT = "sweep.png"
-DEFAULT_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)
-DEFAULT_PATTERNS = ("2:4", "4:8")
-BASELINES = ("magnitude", "wanda", "sparsegpt")
 COUNTERS = (
     ("generated", "candidates generated", "children and initial individuals created"),
     ("simplified", "simplified", "candidates rewritten to a smaller equivalent formula"),
@@ -61,340 +54,8 @@ COUNTERS = (
 
 
 # ---------------------------------------------------------------------------------------- sweep
-def _restore(model: Any, dense: Mapping[str, Any]) -> None:
-    model.load_state_dict(dense, strict=True)  # copy_ into every tensor: bitwise exact
 
 
-def sweep_cells(sparsities: Sequence[float], patterns: Sequence[str]) -> list[tuple[str, float]]:
-    """(pattern, sparsity) of every cell: each unstructured sparsity, then each N:M pattern at N/M."""
-    cells = [("unstructured", check_sparsity(s, Pattern())) for s in sparsities]
-    for text in patterns:
-        p = Pattern.parse(text)
-        if not p.structured:
-            raise UserError(f"--patterns takes N:M patterns such as 2:4, not {text!r}; unstructured sparsities go in --sweep-sparsities")
-        cells.append((str(p), p.n / p.m))
-    if not cells:
-        raise UserError("the sweep has no cell: give at least one sparsity or one N:M pattern")
-    return cells
-
-
-def sparsity_sweep(
-    model: Any,
-    tokens: Any,
-    trees: Sequence[Any],
-    *,
-    windows: Any = None,
-    gradients: Mapping[str, Any] | None = None,
-    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-    patterns: Sequence[str] = DEFAULT_PATTERNS,
-    eval_seqlen: int = 1024,
-    eval_windows: int | None = 4,
-    baselines: Sequence[str] = BASELINES,
-    on_cell: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Perplexity of ``model`` pruned by each method at each sparsity and N:M pattern.
-
-    ``tokens``: the evaluation text as a 1-D tensor of token ids (its first ``eval_windows``
-    windows of ``eval_seqlen`` tokens are scored). ``trees``: metrics, each a
-    :class:`~prunerzero.primitives.tree.Tree` or a ``(label, Tree)`` pair. ``windows``: the
-    calibration windows (n, seqlen), needed by wanda, sparsegpt and trees using X; ``gradients``:
-    G per layer, needed by trees using G. Every cell starts from the dense weights: a copy of the
-    state dict is kept (on the CPU) and loaded back after each cell, so the model is dense again
-    when this returns. ``on_cell(row)`` is called after each cell, once the weights are restored.
-    """
-    import torch
-
-    methods: list[tuple[str, str, Tree | None]] = []
-    for b in baselines:
-        if b not in METHODS or b == "tree":
-            raise UserError(f"unknown baseline {b!r}; choose among {', '.join(BASELINES)}")
-        methods.append((b, b, None))
-    for t in trees:
-        label, tree = t if isinstance(t, tuple) else (str(t), t)
-        methods.append((label, "tree", tree))
-    if not methods:
-        raise UserError("the sweep has no method: give a tree or a baseline")
-    cells = sweep_cells(sparsities, patterns)
-    needs_windows = [label for label, m, tree in methods if m in ("wanda", "sparsegpt") or (tree is not None and "X" in tree.terminals)]
-    if needs_windows and windows is None:
-        raise UserError(f"{needs_windows[0]} needs calibration windows")
-    needs_g = [label for label, _, tree in methods if tree is not None and "G" in tree.terminals]
-    if needs_g and gradients is None:
-        raise UserError(f"{needs_g[0]} uses G: gradients are needed")
-    n_windows = window_count(int(tokens.numel()), eval_seqlen, eval_windows)
-    if n_windows < 1:
-        raise UserError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {eval_seqlen}")
-
-    dense = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    start_all = time.perf_counter()
-    dense_ppl, n_tokens = perplexity(model, tokens, eval_seqlen, eval_windows, progress=False)
-    log.info("sweep: dense perplexity %.4f (%d windows of %d tokens); %d methods x %d cells",
-             dense_ppl, n_windows, eval_seqlen, len(methods), len(cells))
-    rows: list[dict[str, Any]] = []
-    total = len(methods) * len(cells)
-    for label, method, tree in methods:
-        for pattern_text, sparsity in cells:
-            start = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    report = prune_model(model, method, sparsity, Pattern.parse(pattern_text), windows=windows,
-                                         tree=tree, gradients=gradients)
-                ppl, _ = perplexity(model, tokens, eval_seqlen, eval_windows, progress=False)
-            finally:
-                _restore(model, dense)
-            row = {"method": label, "kind": method, "formula": str(tree) if tree is not None else None,
-                   "pattern": pattern_text, "sparsity": sparsity, "sparsity_actual": report.sparsity_actual,
-                   "ppl": ppl, "seconds": round(time.perf_counter() - start, 2)}
-            rows.append(row)
-            log.info("sweep %d/%d: %-12s %-12s %.2f  perplexity %.4f (actual sparsity %.4f, %.1f s)", len(rows), total,
-                     label[:40], pattern_text, sparsity, ppl, report.sparsity_actual, row["seconds"])
-            if on_cell:
-                on_cell(row)
-    return {
-        "dense_ppl": dense_ppl,
-        "eval": {"seqlen": eval_seqlen, "windows": n_windows, "tokens": n_tokens},
-        "methods": [{"label": label, "kind": m, "formula": str(tree) if tree is not None else None} for label, m, tree in methods],
-        "cells": rows,
-        "seconds": round(time.perf_counter() - start_all, 1),
-    }
-
-
-def _parse_sparsities(text: str) -> list[float]:
-    if not text.strip():
-        return []
-    out = []
-    for part in text.split(","):
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise UserError(f"--sweep-sparsities: {part.strip()!r} is not a number; give fractions such as 0.3,0.5,0.7") from None
-    return out
-
-
-def _parse_patterns(text: str) -> list[str]:
-    return [] if text.strip().lower() in ("", "none") else [p.strip() for p in text.split(",")]
-
-
-def _tree_label(rank: int, formula: str) -> str:
-    """``#1 mul(W, sqrt(X))``, with ``(= wanda)`` when the metric is a known one in another spelling."""
-    key = symbolic_key(Tree.parse(formula))
-    same = [n for n, m in KNOWN_METRICS.items() if symbolic_key(m.tree) == key]
-    return f"#{rank} {formula}" + (f" (= {same[0]})" if same else "")
-
-
-def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """The sweep of a run's top metrics on the run's model, with the calibration of the run."""
-    sparsities, patterns = _parse_sparsities(args.sweep_sparsities), _parse_patterns(args.patterns)
-    sweep_cells(sparsities, patterns)  # validate before loading anything
-    device = pick_device(args.device or (cfg.get("model") or {}).get("device") or "auto")
-    c = cfg.get("calibration") or {}
-    data_dir = args.data_dir or c.get("data_dir")
-    run_calib = Calibration(c.get("source", "wikitext2"), c.get("split"), c.get("nsamples", 32), c.get("seqlen", 2048),
-                            c.get("seed", 0), c.get("data_dir"))
-    calib = Calibration(run_calib.source, run_calib.split, args.nsamples or run_calib.nsamples,
-                        args.seqlen or run_calib.seqlen, run_calib.seed, data_dir)
-    eval_seqlen = args.eval_seqlen or (1024 if device == "cpu" else 2048)
-    trees = [(_tree_label(r["rank"], r["formula"]), Tree.parse(r["formula"])) for r in hof]
-    name = (cfg.get("model") or {}).get("name")
-    if not name:
-        raise UserError(f"{run_dir / 'config.yaml'} names no model (model.name); the sweep needs one")
-
-    model, tokenizer, source = load_model(name, device)
-    tokens = eval_tokens(tokenizer, data_dir=data_dir)
-    windows = calib.windows(tokenizer)
-    gradients = None
-    if any("G" in t.terminals for _, t in trees):
-        # The run folder holds G of the run's own calibration; another calibration goes to the cache.
-        folder = run_dir if calib.key() == run_calib.key() else args.cache_dir
-        gradients = gradients_for(model, source, windows, calib, folder)
-    result = sparsity_sweep(model, tokens, trees, windows=windows, gradients=gradients, sparsities=sparsities,
-                            patterns=patterns, eval_seqlen=eval_seqlen, eval_windows=args.sweep_windows)
-    result.update(model=name, device=device, eval_data="wikitext2:test", calibration=calib.key(),
-                  made=_now())
-    return result
-
-
-# ---------------------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _num(v: float) -> str:
-    """A tick label: plain up to 9999 (0.002, 30, 5000), then 2×10⁴."""
-    if v <= 0 or v < 1e4:
-        return f"{v:.4g}"
-    k = math.floor(math.log10(v) + 1e-9)
-    lead = v / 10**k
-    return f"$10^{{{k}}}$" if abs(lead - 1) < 1e-6 else f"${lead:g}\\times10^{{{k}}}$"
-
-
-def _plain_log_axis(ax: Any) -> None:
-    """Log-scale y labels as plain numbers (0.002, 30, 200), not 2x10^-3; between the powers of ten,
-    label 2, 3 and 5 when the axis spans little more than a decade, 2 and 5 up to ~2.5 decades."""
-    from matplotlib.ticker import FuncFormatter
-
-    lo, hi = ax.get_ylim()
-    span = hi / lo if lo > 0 else float("inf")
-    plain = FuncFormatter(lambda v, _: _num(v))
-    ax.yaxis.set_major_formatter(plain)
-    if span < 3:  # too narrow for 2-3-5 ticks: label every tick matplotlib places
-        ax.yaxis.set_minor_formatter(plain)
-        return
-    keep = (2, 3, 5) if span < 20 else (2, 5) if span < 300 else ()
-
-    def minor(v: float, _pos: Any) -> str:
-        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6) if v > 0 else 0
-        return _num(v) if lead in keep else ""
-
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
-    ax.tick_params(axis="y", which="minor", labelsize=8)
-
-
-def _save(fig: Any, path: Path) -> bytes:
-    import io
-    import os
-
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    data = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return data
-
-
-def fitness_figure(state: Any, ylabel: str, title: str, path: Path) -> bytes | None:
-    """Best-so-far and population median per generation (log scale); PNG bytes, also written to ``path``."""
-    from matplotlib.ticker import MaxNLocator
-
-    rows = [r for r in state.log if r.get("best") is not None]
-    if not rows:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    gens = [r["generation"] for r in rows]
-    ax.plot(gens, [r["best"] for r in rows], marker="o", color="C0", label="best so far")
-    pop = [(r["generation"], r["population_best"]) for r in rows if r.get("population_best") is not None]
-    med = [(r["generation"], r["median"]) for r in rows if r.get("median") is not None and r["median"] < WORST_FITNESS]
-    if med:
-        ax.plot(*zip(*med), marker=".", linestyle="--", color="C1", label="population median")
-    if pop and any(p != b for (_, p), b in zip(pop, [r["best"] for r in rows])):
-        ax.plot(*zip(*pop), marker=".", linestyle=":", color="C2", label="population best")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("generation")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    last = rows[-1]
-    ax.annotate(f"{last['best']:.4g}", (last["generation"], last["best"]), textcoords="offset points", xytext=(0, 7),
-                ha="center", fontsize=8, color="C0")
-    _plain_log_axis(ax)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-_BASELINE_STYLE = {"magnitude": ("#7f7f7f", "s"), "wanda": ("#1f77b4", "^"), "sparsegpt": ("#2ca02c", "D")}
-_TREE_COLORS = ("#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-
-
-def _styles(methods: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out, k = {}, 0
-    for m in methods:
-        if m["kind"] in _BASELINE_STYLE:
-            color, marker = _BASELINE_STYLE[m["kind"]]
-            # thin dashed baselines drawn over the thick tree lines: a tree equal to a baseline hides neither
-            out[m["label"]] = dict(color=color, marker=marker, linestyle="--", linewidth=1.3, zorder=4)
-        else:
-            out[m["label"]] = dict(color=_TREE_COLORS[k % len(_TREE_COLORS)], marker="o", linestyle="-", linewidth=2.2,
-                                   zorder=3)
-            k += 1
-    return out
-
-
-def _short(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
-    """Perplexity (log) against sparsity, one line per method; N:M patterns in a second panel."""
-    plt = _pyplot()
-    cells = [c for c in sweep["cells"] if _finite(c.get("ppl"))]
-    unstructured = [c for c in cells if c["pattern"] == "unstructured"]
-    patterns = list(dict.fromkeys(c["pattern"] for c in sweep["cells"] if c["pattern"] != "unstructured"))
-    styles = _styles(sweep["methods"])
-    panels = (1 if unstructured else 0) + (1 if patterns else 0)
-    ratios = ([3] if unstructured else []) + ([max(1, len(patterns))] if patterns else [])
-    fig, axes = plt.subplots(1, panels, figsize=(9 if panels == 2 else 7, 4.6), sharey=True,
-                             gridspec_kw={"width_ratios": ratios}, squeeze=False)
-    axes = list(axes[0])
-    dense = sweep.get("dense_ppl")
-    handles: dict[str, Any] = {}
-    if unstructured:
-        ax = axes.pop(0)
-        for m in sweep["methods"]:
-            pts = sorted((c["sparsity"], c["ppl"]) for c in unstructured if c["method"] == m["label"])
-            if pts:
-                (h,) = ax.plot(*zip(*pts), label=_short(m["label"]), markersize=5, **styles[m["label"]])
-                handles[m["label"]] = h
-        xs = sorted({c["sparsity"] for c in unstructured})
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{x:.0%}" for x in xs])
-        ax.set_xlabel("unstructured sparsity")
-        ax.set_ylabel("WikiText-2 test perplexity (log)")
-        ax.set_title("unstructured", fontsize=10)
-        nm_ax = axes.pop(0) if patterns else None
-    else:
-        nm_ax = axes.pop(0)
-    if dense is not None and _finite(dense):
-        for a in fig.axes:
-            d = a.axhline(dense, color="black", linestyle=":", linewidth=1, label=f"dense ({dense:.2f})")
-        handles["dense"] = d
-    if nm_ax is not None:
-        n = len(sweep["methods"])
-        width = 0.7 / max(n, 1)
-        for j, m in enumerate(sweep["methods"]):
-            st = dict(styles[m["label"]])
-            st.pop("linestyle"), st.pop("linewidth")
-            pts = [(i - 0.35 + width * (j + 0.5), c["ppl"]) for i, p in enumerate(patterns)
-                   for c in cells if c["pattern"] == p and c["method"] == m["label"]]
-            if pts:
-                (h,) = nm_ax.plot(*zip(*pts), linestyle="none", markersize=7, label=_short(m["label"]), **st)
-                handles.setdefault(m["label"], h)
-        nm_ax.set_xticks(range(len(patterns)))
-        nm_ax.set_xticklabels(patterns)
-        nm_ax.set_xlim(-0.6, len(patterns) - 0.4)
-        nm_ax.set_xlabel("N:M pattern")
-        nm_ax.set_title("semi-structured", fontsize=10)
-        if not unstructured:
-            nm_ax.set_ylabel("WikiText-2 test perplexity (log)")
-    for a in fig.axes:
-        a.set_yscale("log")
-        a.grid(True, which="both", alpha=0.3)
-    _plain_log_axis(fig.axes[0])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    ncol = 2 if len(handles) > 3 else len(handles)
-    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="lower center", ncol=max(ncol, 1),
-               fontsize=8, frameon=False)
-    rows = math.ceil(len(handles) / max(ncol, 1))
-    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------- HTML
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -563,10 +224,6 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
 
 
 # ---------------------------------------------------------------------------------------- command
-def _now() -> str:
-    return _dt.datetime.now().isoformat(timespec="seconds")
-
-
 def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     path = run_dir / ckpt.CONFIG
     if not path.is_file():
@@ -622,3 +279,4 @@ def make_report(args: argparse.Namespace) -> Path:
     page = render_html(run_dir, state, cfg, config_text, hof, fitness_png, sweep, sweep_png, fresh, args.top)
     ckpt.write_atomic(out, page)
     return out
+

@@ -67,8 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prunerzero.errors import UserError
 from prunerzero.data import data_roots, find_data_file
+from prunerzero.errors import UserError
 
 log = logging.getLogger(__name__)
 

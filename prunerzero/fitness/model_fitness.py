@@ -24,19 +24,38 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from prunerzero.data import joined_tokens
 from prunerzero.errors import UserError
+from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
 from prunerzero.memory import keep_freed_memory
+from prunerzero.models import load_model, prunable_linears, resolve_model
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
-from prunerzero.data import joined_tokens
-from prunerzero.pruning.masks import PackedMask, PackedMasks, Pattern, check_sparsity, prune_mask
-from prunerzero.models import load_model, prunable_linears, resolve_model
-from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.pruning.equivalence import probes_from_layers
-from prunerzero.pruning.prune import Removed, UnrankableLayer, layer_stats, masked_weights, prune_model, unrankable
-from prunerzero.pruning.stats import (GRADIENT_SCALE, cache_key, collect_activation_norms, load_tensors_mapped,
-                                      save_tensors_atomic, stream_gradients)
+from prunerzero.pruning.masks import (
+    PackedMask,
+    PackedMasks,
+    Pattern,
+    check_sparsity,
+    prune_mask,
+)
+from prunerzero.pruning.prune import (
+    Removed,
+    UnrankableLayer,
+    layer_stats,
+    masked_weights,
+    prune_model,
+    unrankable,
+)
+from prunerzero.pruning.stats import (
+    GRADIENT_SCALE,
+    cache_key,
+    collect_activation_norms,
+    load_tensors_mapped,
+    save_tensors_atomic,
+    stream_gradients,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,12 @@ import math
 from typing import Sequence
 
 from prunerzero.errors import UserError
-from prunerzero.fitness.base import WORST_FITNESS, Evaluator, FitnessResult, is_full_budget_key
+from prunerzero.fitness.base import (
+    WORST_FITNESS,
+    Evaluator,
+    FitnessResult,
+    is_full_budget_key,
+)
 from prunerzero.primitives.tree import Tree
 
 log = logging.getLogger(__name__)

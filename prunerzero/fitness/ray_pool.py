@@ -40,9 +40,14 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
-from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, prepare_statistics, statistics_paths
-from prunerzero.primitives.tree import Tree
+from prunerzero.fitness.model_fitness import (
+    FitnessSettings,
+    ModelFitness,
+    prepare_statistics,
+    statistics_paths,
+)
 from prunerzero.models import load_model
+from prunerzero.primitives.tree import Tree
 
 log = logging.getLogger(__name__)
 

@@ -17,18 +17,19 @@ import sympy
 import torch
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import (CONSTANTS, OPERATORS, TERMINALS, ColNorm, ColZ, InvNorm, Mms, RowNorm,
-                                            RowZ, Zsn, constant_name, is_constant)
+from prunerzero.primitives.registry import (
+    CONSTANTS,
+    OPERATORS,
+    TERMINALS,
+    constant_name,
+    is_constant,
+)
+from prunerzero.primitives.symbolic import SYMBOLS, Inexpressible, to_nested
 
 # Caps that keep every walk over a tree cheap and every recursive one (SymPy, JSON) far from
 # Python's recursion limit; a search's own bloat limits are far below them.
 MAX_NODES = 2000
 MAX_HEIGHT = 100
-
-# Statistics are non-negative (|W|, an l2 norm, a mean of squares); telling SymPy so lets it
-# cancel sqrt(x**2) and Abs(x) exactly as the torch semantics do on these inputs.
-SYMBOLS: dict[str, sympy.Symbol] = {name: sympy.Symbol(name, positive=True) for name in TERMINALS}
-
 
 def _arity(name: str) -> int:
     return OPERATORS[name].arity if name in OPERATORS else 0
@@ -323,105 +324,11 @@ class Tree:
         """Rebuild a tree from a SymPy expression; None where the operator set cannot express it
         (numbers outside the constants, negative powers, ...)."""
         try:
-            return cls._from_nested(_sympy_to_nested(expr))
-        except (_Inexpressible, UserError, RecursionError):
+            return cls._from_nested(to_nested(expr))
+        except (Inexpressible, UserError, RecursionError):
             return None
 
 
 def _short(text: Any, limit: int = 120) -> str:
     text = text if isinstance(text, str) else " ".join(map(str, text))
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
-class _Inexpressible(Exception):
-    pass
-
-
-_BY_SYMBOL = {v: k for k, v in SYMBOLS.items()}
-
-
-def _chain(op: str, parts: list[Any]) -> Any:
-    out = parts[0]
-    for p in parts[1:]:
-        out = (op, out, p)
-    return out
-
-
-def _constant(e: sympy.Expr) -> str:
-    if not e.is_Number:
-        raise _Inexpressible(e)
-    name = constant_name(float(e))
-    if name is None or not is_constant(name):
-        raise _Inexpressible(e)
-    return name
-
-
-_AXIS_FUNCTIONS = {RowNorm: "rown", ColNorm: "coln", RowZ: "rowz", ColZ: "colz", Mms: "mms", Zsn: "zsn"}
-
-
-def _sympy_to_nested(e: sympy.Expr) -> Any:
-    if e in _BY_SYMBOL:
-        return _BY_SYMBOL[e]
-    if e.is_Number:
-        return _constant(e)
-    if isinstance(e, sympy.Add):
-        pos, neg = [], []
-        for term in e.as_ordered_terms():
-            coeff, rest = term.as_coeff_Mul()
-            if coeff == -1:
-                neg.append(_sympy_to_nested(rest))
-            else:
-                pos.append(_sympy_to_nested(term))
-        if not pos:
-            return ("neg", _chain("add", neg))
-        out = _chain("add", pos)
-        for n in neg:
-            out = ("sub", out, n)
-        return out
-    if isinstance(e, sympy.Mul):
-        coeff, rest = e.as_coeff_Mul()
-        if coeff == -1:
-            return ("neg", _sympy_to_nested(rest))
-        if coeff != 1:
-            return ("mul", _constant(coeff), _sympy_to_nested(rest))
-        factors = list(sympy.Mul.make_args(e))
-        norms = [f for f in factors if isinstance(f, InvNorm)]
-        others = [f for f in factors if not isinstance(f, InvNorm)]
-        if norms:
-            if not others:
-                raise _Inexpressible(e)
-            num = _chain("mul", [_sympy_to_nested(f) for f in others])
-            for n in norms:
-                num = ("div", num, _sympy_to_nested(n.args[0]))
-            return num
-        return _chain("mul", [_sympy_to_nested(f) for f in factors])
-    if isinstance(e, sympy.Pow):
-        base, ex = e.args
-        b = _sympy_to_nested(base)
-        if ex == 2:
-            return ("sqr", b)
-        if ex == sympy.Rational(1, 2):
-            return ("sqrt", b)
-        if ex == 3:
-            return ("mul", ("sqr", b), b)
-        if ex == 4:
-            return ("sqr", ("sqr", b))
-        if ex == sympy.Rational(3, 2):
-            return ("mul", b, ("sqrt", b))
-        if ex == sympy.Rational(1, 4):
-            return ("sqrt", ("sqrt", b))
-        return ("pow", b, _constant(ex))
-    if isinstance(e, sympy.Abs):
-        return ("abs", _sympy_to_nested(e.args[0]))
-    if isinstance(e, sympy.log):
-        arg = e.args[0]
-        inner = arg.args[0] if isinstance(arg, sympy.Abs) else arg
-        return ("log", _sympy_to_nested(inner))
-    if isinstance(e, sympy.exp):
-        return ("exp", _sympy_to_nested(e.args[0]))
-    if isinstance(e, sympy.tanh):
-        return ("tanh", _sympy_to_nested(e.args[0]))
-    for fn, name in _AXIS_FUNCTIONS.items():
-        if isinstance(e, fn):
-            return (name, _sympy_to_nested(e.args[0]))
-    raise _Inexpressible(e)

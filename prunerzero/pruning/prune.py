@@ -21,12 +21,12 @@ from torch import nn
 from tqdm import tqdm
 
 from prunerzero.errors import UserError
+from prunerzero.models import prunable_linears
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
 from prunerzero.pruning.masks import PackedMasks, Pattern, prune_mask
-from prunerzero.models import prunable_linears
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from prunerzero.errors import UserError
+from prunerzero.models import model_device, prunable_linears
 from prunerzero.primitives.registry import finite
 from prunerzero.pruning.layerwise import iterate_blocks
-from prunerzero.models import model_device, prunable_linears
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from prunerzero.errors import UserError
 from prunerzero.data import calibration_windows
-from prunerzero.models import model_device
-from prunerzero.models import prunable_linears
+from prunerzero.errors import UserError
+from prunerzero.models import model_device, prunable_linears
 
 log = logging.getLogger(__name__)
 

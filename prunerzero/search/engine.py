@@ -27,12 +27,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 from deap import base, gp, tools
 
+from prunerzero.config import SearchSection
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS, Evaluator
-from prunerzero.primitives.deap_set import Individual, primitive_set, repair_pow, to_individual, to_tree
+from prunerzero.primitives.deap_set import (
+    Individual,
+    primitive_set,
+    repair_pow,
+    to_individual,
+    to_tree,
+)
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
-from prunerzero.config import SearchSection
 from prunerzero.search.simplify import Simplifier, symbolic_key
 
 log = logging.getLogger(__name__)
