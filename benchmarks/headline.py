@@ -1,0 +1,161 @@
+"""The headline table: known metrics and prunerzero's discovered metrics on held-out text.
+
+Every cell is one JSON record in ``--out`` (default ``results/headline``), measured once and
+skipped on re-run, so the table is built one cell at a time across sessions; run it in the
+background and poll. ``--table`` only reads the records and prints the Markdown tables (and writes
+the plot); cells not yet measured show as "-".
+
+Protocol (../shared/DESIGN.md): SmolLM2-135M, 32 calibration windows of 2048 tokens from
+WikiText-2 validation (seed 0), WikiText-2 test perplexity over non-overlapping 2048-token
+windows: the 50% and 2:4 columns on the whole split, the others on the first 32 windows; C4
+validation (first 32 windows) for 50% and 2:4; calibration seeds 0, 1, 2 for the 50% column of
+wanda, ria and the discovered metrics (first 32 test windows).
+
+    python benchmarks/headline.py --list                         # the cells and which are done
+    nohup python benchmarks/headline.py --only 'wanda|ria' &     # measure some cells (regex on the cell id)
+    python benchmarks/headline.py --table                        # print the tables from the records
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
+from prunerzero.files import read_json
+from prunerzero.primitives.known import shipped_trees
+from prunerzero.primitives.tree import Tree
+
+BASELINES = ("dense", "magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
+COLUMNS = (("50%", "unstructured", 0.5, None), ("2:4", "2:4", 0.5, None), ("4:8", "4:8", 0.5, 32),
+           ("60%", "unstructured", 0.6, 32), ("70%", "unstructured", 0.7, 32))
+C4_COLUMNS = (("50%", "unstructured", 0.5, 32), ("2:4", "2:4", 0.5, 32))
+SEEDS = (0, 1, 2)
+
+
+def discovered() -> list[tuple[str, str]]:
+    """(name, formula) of every metric shipped in prunerzero/trees/."""
+    return [(name, str(Tree.load(path))) for name, path in shipped_trees().items()]
+
+
+def cell_for(row: str, formula: str | None, pattern: str, sparsity: float, **kw) -> Cell:
+    if formula is None:
+        return known_cell(row, pattern=pattern, sparsity=sparsity, **kw)
+    return Cell(label=row, method="tree", tree=formula, pattern=pattern, sparsity=sparsity, **kw)
+
+
+def grid() -> dict[str, list[tuple[str, str, Cell]]]:
+    """Tables -> (row, column, cell)."""
+    rows = [(b, None) for b in BASELINES] + discovered()
+    tables: dict[str, list[tuple[str, str, Cell]]] = {"wikitext2": [], "c4": [], "seeds": []}
+    for row, formula in rows:
+        for col, pattern, sparsity, windows in COLUMNS:
+            if row == "dense" and col != "50%":
+                continue  # dense does not depend on the column, beyond its windows
+            tables["wikitext2"].append((row, col, cell_for(row, formula, pattern, sparsity, windows=windows)))
+        if row == "dense":
+            tables["wikitext2"].append((row, "first 32", cell_for(row, formula, "unstructured", 0.5, windows=32)))
+        for col, pattern, sparsity, windows in C4_COLUMNS:
+            if row == "dense" and col != "50%":
+                continue
+            tables["c4"].append((row, col, cell_for(row, formula, pattern, sparsity, windows=windows,
+                                                    text="c4:validation")))
+        if row in ("wanda", "ria") or formula is not None:
+            for seed in SEEDS:
+                tables["seeds"].append((row, f"seed {seed}", cell_for(row, formula, "unstructured", 0.5, windows=32,
+                                                                      calib_seed=seed)))
+    return tables
+
+
+def cell_id(table: str, row: str, col: str) -> str:
+    return f"{table}/{row}/{col}"
+
+
+def markdown(tables: dict, runner: CellRunner) -> str:
+    out = []
+    heads = {"wikitext2": ("WikiText-2 test perplexity (SmolLM2-135M; 50% and 2:4: whole split, 148 windows of 2048; "
+                           "4:8, 60%, 70%: first 32 windows)"),
+             "c4": "C4 validation perplexity (first 32 windows of 2048 tokens)",
+             "seeds": "50% unstructured, WikiText-2 test (first 32 windows), calibration seeds 0, 1, 2"}
+    for name, cells in tables.items():
+        cols = list(dict.fromkeys(c for _, c, _ in cells))
+        rows = list(dict.fromkeys(r for r, _, _ in cells))
+        values = {(r, c): runner.done(cell) for r, c, cell in cells}
+        out.append(f"**{heads[name]}**\n")
+        out.append("| metric | " + " | ".join(cols) + " |")
+        out.append("|---|" + "---:|" * len(cols))
+        for r in rows:
+            vals = []
+            for c in cols:
+                rec = values.get((r, c))
+                vals.append("-" if rec is None or rec.get("ppl") is None else f"{rec['ppl']:.3f}")
+            out.append(f"| {r} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(tables: dict, runner: CellRunner, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(r, c, runner.done(cell)) for r, c, cell in tables["wikitext2"] if r != "dense"]
+    cols = [c for c, *_ in COLUMNS]
+    rows = list(dict.fromkeys(r for r, _, _ in cells))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        ys = [next((rec["ppl"] for rr, cc, rec in cells if rr == r and cc == c and rec and rec.get("ppl")), None)
+              for c in cols]
+        xs = [j + i * width for j, y in enumerate(ys) if y is not None]
+        ax.bar(xs, [y for y in ys if y is not None], width, label=r)
+    dense = next((runner.done(cell) for r, c, cell in tables["wikitext2"] if r == "dense" and c == "50%"), None)
+    if dense:
+        ax.axhline(dense["ppl"], color="k", linestyle=":", label=f"dense {dense['ppl']:.2f}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
+    ax.set_yscale("log")
+    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_title("SmolLM2-135M pruned without weight updates (sparsegpt updates)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/headline", help="folder of the cell records")
+    parser.add_argument("--only", default=None, help="measure only cells whose id (table/row/column) matches this regex")
+    parser.add_argument("--list", action="store_true", help="list the cells and whether each is measured")
+    parser.add_argument("--table", action="store_true", help="print the tables from the records (no measuring)")
+    parser.add_argument("--plot", default="results/headline.png")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    runner = CellRunner(Path(args.out), data_dir=args.data_dir, device="cpu")
+    tables = grid()
+    if args.list:
+        for name, cells in tables.items():
+            for r, c, cell in cells:
+                rec = runner.done(cell)
+                print(f"{'done' if rec else 'todo'}  {cell_id(name, r, c):40s}  {cell.key()}"
+                      + (f"  ppl {rec['ppl']:.3f}" if rec and rec.get("ppl") else ""))
+        return 0
+    if args.table:
+        print(markdown(tables, runner))
+        plot(tables, runner, Path(args.plot))
+        return 0
+    todo = [cell for name, cells in tables.items() for r, c, cell in cells
+            if args.only is None or re.search(args.only, cell_id(name, r, c))]
+    runner.run(list(dict.fromkeys(todo)))
+    print(markdown(tables, runner))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
