@@ -289,6 +289,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if "pow" in s.operators and not s.constants:
         raise UserError("search.operators has pow, which needs constant exponents: list some in search.constants "
                         "(e.g. [0.25, 0.5, 2]) or drop pow")
+    if c.source == "c4" and f.text == "c4":
+        raise UserError("calibration.source and fitness.text are both c4: their windows could overlap; use "
+                        "fitness.text: wikitext2 (validation), whose windows are kept apart from calibration windows")
     h = cfg.heldout
     if h is not None:
         if h.top_k < 0:

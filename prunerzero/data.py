@@ -154,5 +154,45 @@ def calibration_windows(
             f"calibration text {source}:{split} has {ids.numel()} tokens, too short for windows of "
             f"{seqlen}; use a smaller --seqlen or a longer text"
         )
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    starts = calibration_starts(ids.numel(), nsamples, seqlen, seed)
     return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def calibration_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    """Where the calibration windows of a joined text start (the reference's seeded draws)."""
+    rng = random.Random(seed)
+    return [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
+
+
+def fitness_tokens(tokenizer: object, source: str, split: str, seqlen: int, windows: int,
+                   calibration: tuple[str, str | None, int, int, int] | None, data_dir: str | None = None) -> torch.Tensor:
+    """The search's fitness text: ``windows`` windows of ``seqlen`` tokens, concatenated.
+
+    When the fitness text is the calibration text (``calibration`` = (source, split, nsamples,
+    seqlen, seed)), it is tokenized as the calibration is (rows joined with " ") and the fitness
+    windows are the first non-overlapping windows that share no token with any calibration window:
+    the statistics a metric reads never saw the text it is judged on. Otherwise the first
+    ``windows * seqlen`` tokens of the text, rows joined with "\n\n"."""
+    need = windows * seqlen
+    same = calibration is not None and calibration[0] == source and (calibration[1] or "validation") == split
+    if not same or source == "c4":
+        tokens = joined_tokens(tokenizer, source, split, "\n\n", data_dir, need)
+        if tokens.numel() < need:
+            raise UserError(f"fitness text {source}:{split} has {tokens.numel()} tokens, fewer than the budget of "
+                            f"{windows} x {seqlen}")
+        return tokens[:need]
+    _, _, nsamples, calib_seqlen, seed = calibration
+    ids = joined_tokens(tokenizer, source, split, " ", data_dir)
+    taken = sorted((s, s + calib_seqlen) for s in calibration_starts(ids.numel(), nsamples, calib_seqlen, seed))
+    out, pos = [], 0
+    while len(out) < windows and pos + seqlen <= ids.numel():
+        clash = next(((a, b) for a, b in taken if a < pos + seqlen and pos < b), None)
+        if clash is not None:
+            pos = clash[1]  # jump past the calibration window
+            continue
+        out.append(ids[pos : pos + seqlen])
+        pos += seqlen
+    if len(out) < windows:
+        raise UserError(f"fitness text {source}:{split} has room for only {len(out)} windows of {seqlen} tokens "
+                        f"outside the calibration windows; lower fitness.windows or the calibration budget")
+    return torch.cat(out)

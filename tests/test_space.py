@@ -253,3 +253,21 @@ def test_constants_only_as_exponents_when_asked(tmp_path):
         for i, n in enumerate(nodes):
             if n in ("0.5", "2"):
                 assert nodes[:i].count("pow") > 0, r["tree"]  # a constant only ever under a pow
+
+
+def test_fitness_windows_never_overlap_calibration_windows(monkeypatch):
+    from prunerzero import data
+
+    n = 5000
+    monkeypatch.setattr(data, "joined_tokens", lambda *a, **k: torch.arange(n))  # every token id is its position
+    calib = data.calibration_windows(None, "wikitext2", 8, 256, 3)
+    fit = data.fitness_tokens(None, "wikitext2", "validation", 128, 10, ("wikitext2", None, 8, 256, 3))
+    assert fit.numel() == 1280 and len(set(fit.tolist())) == 1280
+    assert not set(fit.tolist()) & set(calib.flatten().tolist())
+    # each fitness window is contiguous text
+    for w in fit.reshape(10, 128):
+        assert torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 128))
+    with pytest.raises(UserError, match="room for only"):
+        data.fitness_tokens(None, "wikitext2", "validation", 1000, 10, ("wikitext2", None, 8, 256, 3))
+    with pytest.raises(UserError, match="could overlap"):
+        config_from_dict({"calibration": {"source": "c4"}, "fitness": {"text": "c4"}})

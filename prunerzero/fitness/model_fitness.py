@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from prunerzero.data import joined_tokens
+from prunerzero.data import fitness_tokens
 from prunerzero.errors import UserError
 from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
@@ -78,6 +78,9 @@ class FitnessSettings:
     windows: int = 2  # token budget = windows * seqlen
     stats_mode: str = "once"
     device: str = "cpu"
+    # Fitness windows avoid every calibration window (same text). False only in fingerprints of
+    # runs written before this was the rule, which resume then refuses.
+    disjoint_from_calibration: bool = True
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, Pattern.parse(self.pattern))
@@ -166,12 +169,9 @@ class ModelFitness:
         dev = next(model.parameters()).device
         self.activations = {k: v.to(dev) for k, v in acts.items()}  # a vector per layer: small
         self.gradients = grads  # on the model's device already; streamed from its file on a CPU
-        need = settings.windows * settings.seqlen
-        tokens = joined_tokens(tokenizer, settings.text, settings.split, "\n\n", settings.calibration.data_dir, need)
-        if tokens.numel() < need:
-            raise UserError(f"fitness text {settings.text}:{settings.split} has {tokens.numel()} tokens, fewer than "
-                            f"the budget of {settings.windows} x {settings.seqlen}")
-        self.tokens = tokens[:need]
+        c = settings.calibration
+        self.tokens = fitness_tokens(tokenizer, settings.text, settings.split, settings.seqlen, settings.windows,
+                                     (c.source, c.split, c.nsamples, c.seqlen, c.seed), c.data_dir)
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
         self.known_masks: dict[str, float] = {}
         threads = torch.get_num_threads()
