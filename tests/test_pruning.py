@@ -293,7 +293,7 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
     windows = calibration_windows(tokenizer, "wikitext2", 2, seqlen, seed=0)
     results = {}
     try:
-        for method in ("magnitude", "wanda"):
+        for method in ("magnitude", "wanda", "ria"):
             model.load_state_dict(dense)
             report = prune_model(model, method, 0.5, Pattern(), windows=windows)
             assert abs(report.sparsity_actual - 0.5) < 1e-3
@@ -301,6 +301,7 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
     finally:
         model.load_state_dict(dense)
     assert ppl < results["wanda"] < results["magnitude"] < 1e5, (ppl, results)
+    assert ppl < results["ria"] < results["magnitude"], results
 
 
 def test_sliced_head_loss_equals_the_full_logits_loss():
