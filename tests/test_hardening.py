@@ -215,3 +215,31 @@ def test_fuzzed_trees_configs_and_states_get_user_errors_only(run):
             ckpt.load_checkpoint(run)
         except UserError:
             pass
+
+
+@pytest.mark.integration
+def test_a_real_model_search_is_reproducible_across_processes(tmp_path, smollm2):
+    """The same config and seed, run twice in separate processes on the real SmolLM2: the same log,
+    population, cache and counters (on one machine; see docs/design.md for what can differ between
+    machines)."""
+    import subprocess
+    import sys
+
+    config = {
+        "name": "r", "seed": 4, "model": {"name": "smollm2-135m", "device": "cpu"},
+        "calibration": {"nsamples": 2, "seqlen": 128}, "fitness": {"seqlen": 128, "windows": 2,
+                                                                   "multi_fidelity": {"low_windows": 1, "promote": 0.5}},
+        "search": {"population": 6, "generations": 2, "init_max_depth": 2, "elites": 1},
+    }
+    states = []
+    for run in ("a", "b"):
+        (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / run)}))
+        done = subprocess.run([sys.executable, "-m", "prunerzero.cli", "search", "--config", str(tmp_path / f"{run}.yaml"),
+                               "--no-heldout"], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        states.append(json.loads((tmp_path / run / "r" / "state.json").read_text()))
+    a, b = states
+    for key in ("population", "cache", "counters"):
+        assert a[key] == b[key], key
+    strip = lambda log: [{k: v for k, v in row.items() if k != "seconds"} for row in log]  # noqa: E731
+    assert strip(a["log"]) == strip(b["log"])

@@ -9,11 +9,21 @@ from typing import Any
 
 from prunerzero import files
 from prunerzero.errors import UserError
+from prunerzero.models import prunable_linears
 from prunerzero.primitives.known import resolve_tree
+from prunerzero.pruning.allocation import (
+    OWL_LAMBDA,
+    OWL_M,
+    Allocation,
+    exact_counts,
+    layer_sizes,
+    load_allocation,
+    owl_for_model,
+)
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
 from prunerzero.pruning.prune import METHODS, prune_model
-from prunerzero.pruning.stats import load_gradients
+from prunerzero.pruning.stats import collect_activation_norms, load_gradients
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,12 @@ def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--tree", default=None, help="JSON tree file, formula, or packaged name (pruner-zero)")
     p.add_argument("--sparsity", default=None, help="fraction of weights pruned, in (0, 1); N/M for N:M (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
+    p.add_argument("--allocation", default=None,
+                   help="layerwise sparsity: uniform, owl, or an allocation JSON file (default: every layer at --sparsity)")
+    p.add_argument("--owl-m", type=float, default=OWL_M, help=f"OWL outlier threshold M (default {OWL_M:g})")
+    p.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA, help=f"OWL range lambda (default {OWL_LAMBDA:g})")
+    p.add_argument("--sparsity-range", default="0,0.99", help="LOW,HIGH: every layer's sparsity stays in it (default 0,0.99)")
+    p.add_argument("--save-allocation", default=None, help="write the allocation used as JSON (loadable by --allocation)")
 
 
 def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
@@ -70,20 +86,67 @@ def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
         raise UserError(f"--tree is only used with --method tree, not {args.method}")
     if args.gradients and not Path(args.gradients).is_file():
         raise UserError(f"gradient file {args.gradients} does not exist; compute one with `prunerzero gradients`")
+    if getattr(args, "allocation", None) is not None:
+        check_allocation_args(args, pattern)
     return pattern, sparsity, tree
+
+
+def sparsity_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise UserError(f"--sparsity-range {text!r} is not LOW,HIGH (e.g. 0.3,0.9)") from None
+    if not (0 <= low <= high < 1) or low != low or high != high:
+        raise UserError(f"--sparsity-range {text!r} must satisfy 0 <= LOW <= HIGH < 1")
+    return low, high
+
+
+def check_allocation_args(args: argparse.Namespace, pattern: Pattern) -> None:
+    if pattern.structured:
+        raise UserError(f"--allocation needs --pattern unstructured; {pattern} fixes every layer's sparsity")
+    if args.allocation not in ("uniform", "owl") and not Path(args.allocation).is_file():
+        raise UserError(f"--allocation {args.allocation!r} is neither uniform, owl nor an existing JSON file")
+    sparsity_range(args.sparsity_range)
+    if not (0 <= args.owl_lambda < 1) or not args.owl_m > 0:
+        raise UserError(f"--owl-lambda must be in [0, 1) and --owl-m positive, got {args.owl_lambda} and {args.owl_m}")
 
 
 def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
     """Prune per the flags; returns the report."""
 
     pattern, sparsity, tree = check_prune_args(args)
-    needs_calib = args.method in ("wanda", "sparsegpt") or (tree is not None and tree.terminals & {"X", "G"})
+    allocation_spec = getattr(args, "allocation", None)
+    needs_calib = (args.method in ("wanda", "ria", "sparsegpt") or (tree is not None and tree.terminals & {"X", "G"})
+                   or allocation_spec == "owl")
     calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
     windows = calib.windows(tokenizer) if needs_calib else None
     gradients = None
     if tree is not None and "G" in tree.terminals:
         gradients = load_gradients(args.gradients, model) if args.gradients else gradients_for(model, source, windows, calib, args.cache_dir)
-    return prune_model(model, args.method, sparsity, pattern, windows=windows, tree=tree, gradients=gradients)
+    allocation, extra = None, {}
+    if allocation_spec is not None:
+        allocation, extra = make_allocation(args, model, windows, sparsity)
+    report = prune_model(model, args.method, sparsity, pattern, windows=windows, tree=tree, gradients=gradients,
+                         allocation=allocation)
+    if allocation is not None:
+        report.allocation = {**allocation.to_json(sparsity), **extra}
+        if args.save_allocation:
+            files.write_json(args.save_allocation, report.allocation)
+    return report
+
+
+def make_allocation(args: argparse.Namespace, model: Any, windows: Any, sparsity: float) -> tuple[Allocation, dict]:
+    """The allocation the flags ask for, with what explains it (OWL's outlier ratios)."""
+    low, high = sparsity_range(args.sparsity_range)
+    names = list(prunable_linears(model))
+    sizes = layer_sizes(model, names)
+    if args.allocation == "uniform":
+        return exact_counts({n: sparsity for n in names}, sizes, sparsity, low, high, "uniform"), {}
+    if args.allocation == "owl":
+        activations = collect_activation_norms(model, windows)  # the dense model's X, as OWL computes it
+        allocation, outliers = owl_for_model(model, activations, sparsity, args.owl_m, args.owl_lambda, low, high)
+        return allocation, {"owl": {"m": args.owl_m, "lambda": args.owl_lambda, "block_outlier_ratios": outliers}}
+    return load_allocation(args.allocation, sizes, sparsity, low, high), {}
 
 
 def save_model(model, tokenizer, folder: str) -> None:

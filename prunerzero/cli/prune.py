@@ -45,11 +45,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
         ppl, n = perplexity(model, tokens, args.seqlen, args.max_eval_windows)
         result.update(ppl=ppl, eval_tokens=n, eval_data="wikitext2:test")
         log.info("wikitext2 test perplexity %.4f (%d tokens)", ppl, n)
+    if report.allocation is not None:
+        result["allocation"] = report.allocation
+        result["pruned_weights"] = sum(z for z, _ in report.layer_sparsity_counts.values())
     result["layer_sparsity"] = report.layer_sparsity
     if args.save_model:
         save_model(model, tokenizer, args.save_model)
     write_json(args.json, result)
-    print(json.dumps({k: v for k, v in result.items() if k != "layer_sparsity"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("layer_sparsity", "allocation")}))
 
 
 def register(sub: Any) -> None:

@@ -144,6 +144,24 @@ def prune_mask(
     raise ValueError(f"unknown comparison group {group!r}")
 
 
+def prune_count(scores: torch.Tensor, count: int, group: Literal["row", "tensor"] = "row") -> torch.Tensor:
+    """Mask of exactly ``count`` lowest scores (an allocation's layer count). ``row``: spread over the
+    rows as evenly as possible, the first ``count % rows`` rows pruning one more, each row ranking its
+    own weights; ``tensor``: the ``count`` lowest of the whole layer (stable order)."""
+    scores = scores.float()
+    rows, cols = scores.shape
+    if not 0 <= count <= scores.numel():
+        raise ValueError(f"count {count} is outside [0, {scores.numel()}]")
+    if group == "tensor":
+        mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        mask[torch.argsort(scores.flatten(), stable=True)[:count]] = True
+        return mask.reshape(rows, cols)
+    k, extra = divmod(count, rows)
+    if extra == 0:
+        return _lowest_per_row(scores, k)
+    return torch.cat([_lowest_per_row(scores[:extra].contiguous(), k + 1), _lowest_per_row(scores[extra:].contiguous(), k)])
+
+
 @dataclass(frozen=True)
 class PackedMask:
     """One layer's mask as bits (see :class:`PackedMasks`)."""

@@ -25,8 +25,9 @@ from prunerzero.models import prunable_linears
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.allocation import Allocation
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
-from prunerzero.pruning.masks import PackedMasks, Pattern, prune_mask
+from prunerzero.pruning.masks import PackedMasks, Pattern, prune_count, prune_mask
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class PruneReport:
     seconds: float
     layer_sparsity: dict[str, float] = field(default_factory=dict)  # fraction of zeros per layer
     layer_sparsity_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # (zeros, total)
+    allocation: dict | None = None  # the layerwise allocation used, when one was
 
     @property
     def sparsity_actual(self) -> float:
@@ -103,26 +105,34 @@ def score_masks(
     activations: Mapping[str, torch.Tensor] | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
     group: str = "row",
+    allocation: Allocation | None = None,
 ) -> dict[str, torch.Tensor]:
     """Masks of every prunable layer from statistics computed beforehand (no calibration pass)."""
     masks = {}
     for name, lin in prunable_linears(model).items():
         s = score(name, layer_stats(lin.weight, _get(activations, name), _get(gradients, name)))
-        masks[name] = layer_mask(name, s, sparsity, pattern, group)
+        masks[name] = layer_mask(name, s, sparsity, pattern, group, _count(allocation, name))
     return masks
+
+
+def _count(allocation: Allocation | None, name: str) -> int | None:
+    return None if allocation is None else allocation.counts[name]
 
 
 class UnrankableLayer(UserError):
     """A metric's scores cannot rank a layer's weights (NaN/Inf, or constant in every row)."""
 
 
-def layer_mask(name: str, scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "row") -> torch.Tensor:
+def layer_mask(name: str, scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "row",
+               count: int | None = None) -> torch.Tensor:
     """A layer's mask from its scores; a layer whose scores cannot rank its weights is refused,
     naming the layer (pruning it would pick weights by position, not by the metric)."""
     why = unrankable(scores)
     if why is not None:
         raise UnrankableLayer(f"the metric cannot rank the weights of {name}: {why}; a metric must vary within "
                         "each output row (a tree that simplifies to a constant prunes by position)")
+    if count is not None:
+        return prune_count(scores, count, group)
     return prune_mask(scores, sparsity, pattern, group=group)
 
 
@@ -286,8 +296,12 @@ def prune_model(
     gradients: Mapping[str, torch.Tensor] | None = None,
     activations: Mapping[str, torch.Tensor] | None = None,
     removed: Removed | None = None,
+    allocation: Allocation | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and report what was done.
+
+    ``allocation`` given (unstructured only): each layer prunes exactly its count of weights
+    instead of ``sparsity`` of them (SparseGPT: its ratio).
 
     ``removed`` given: it collects what was zeroed, so that ``removed.restore(model)`` undoes the
     pruning exactly (masking methods only; SparseGPT also updates the weights it keeps).
@@ -305,6 +319,11 @@ def prune_model(
     score: ScoreFn = tree_score(scored) if scored is not None else (lambda _n, _s: _s["W"])
     group = comparison_group(method)
     needs = {"W", "H"} if method == "sparsegpt" else scored.terminals | {"W"}
+    if allocation is not None and pattern.structured:
+        raise UserError(f"a layerwise allocation needs unstructured sparsity; {pattern} fixes every layer at "
+                        f"{pattern.n}/{pattern.m}")
+    if allocation is not None and set(allocation.counts) != set(prunable_linears(model)):
+        raise UserError("the allocation does not name this model's layers; compute it for this model")
     if removed is not None and method == "sparsegpt":
         raise ValueError("sparsegpt changes the weights it keeps; it cannot be undone from what it removed")
     if "G" in needs and gradients is None:
@@ -320,10 +339,11 @@ def prune_model(
             for short, lin in linears.items():
                 name = names[id(lin)]
                 if "H" in needs:
-                    lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, sparsity, pattern)
+                    ratio = sparsity if allocation is None else allocation.ratios[name]
+                    lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, ratio, pattern)
                 else:
                     s = score(name, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)))
-                    mask = layer_mask(name, s, sparsity, pattern, group)
+                    mask = layer_mask(name, s, sparsity, pattern, group, _count(allocation, name))
                     if removed is not None:
                         removed.zero(name, lin.weight.data, mask)
                     else:
@@ -334,7 +354,7 @@ def prune_model(
                        progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
         bar.close()
     else:
-        masks = score_masks(model, score, sparsity, pattern, activations, gradients, group)
+        masks = score_masks(model, score, sparsity, pattern, activations, gradients, group, allocation)
         if removed is not None:
             linears = prunable_linears(model)
             for name, mask in masks.items():
@@ -343,7 +363,8 @@ def prune_model(
             apply_masks(model, masks)
     seconds = time.perf_counter() - start
     counts = measure_sparsity(model)
-    report = PruneReport(method, str(pattern), sparsity, seconds,
+    report = PruneReport(method if allocation is None else f"{method} ({allocation.method} allocation)", str(pattern),
+                         sparsity, seconds,
                          {n: z / t for n, (z, t) in counts.items()}, counts)
     log.info("pruned with %s (%s, target %.3f): actual sparsity %.4f in %.1f s",
              method if method != "tree" else f"tree {tree}", pattern, sparsity, report.sparsity_actual, seconds)
