@@ -48,6 +48,16 @@ class CalibrationSection:
 
 
 @dataclass
+class AllocationSection:
+    """Layerwise sparsity for the search's fitness (unstructured only): exact global counts."""
+
+    method: str = "owl"  # uniform or owl
+    m: float = 5.0  # OWL's outlier threshold
+    lam: float = 0.08  # OWL's range: block sparsities within +-lam of the target
+    range: list = field(default_factory=lambda: [0.0, 0.99])  # every layer's sparsity stays in it
+
+
+@dataclass
 class FitnessSection:
     sparsity: float = 0.5
     pattern: str = "unstructured"
@@ -58,6 +68,7 @@ class FitnessSection:
     stats_mode: str = "once"
     # None: every candidate on the full budget. Else one rung of successive halving per batch.
     multi_fidelity: typing.Optional["MultiFidelitySection"] = None
+    allocation: typing.Optional[AllocationSection] = None  # null: every layer at `sparsity`
 
 
 @dataclass
@@ -164,6 +175,11 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list:
+        if where.endswith(".range"):
+            if (not isinstance(value, list) or len(value) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise UserError(f"{where} must be [LOW, HIGH], got {_short(value)}")
+            return [float(v) for v in value]
         if where.endswith(".constants"):
             if not isinstance(value, list) or not all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
                                                       for v in value):
@@ -289,6 +305,18 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if "pow" in s.operators and not s.constants:
         raise UserError("search.operators has pow, which needs constant exponents: list some in search.constants "
                         "(e.g. [0.25, 0.5, 2]) or drop pow")
+    a = f.allocation
+    if a is not None:
+        if a.method not in ("uniform", "owl"):
+            raise UserError(f"fitness.allocation.method must be uniform or owl, got {a.method!r}")
+        if Pattern.parse(f.pattern).structured:
+            raise UserError(f"fitness.allocation needs fitness.pattern: unstructured ({f.pattern} fixes every layer)")
+        low, high = a.range
+        if not 0 <= low <= f.sparsity <= high < 1:
+            raise UserError(f"fitness.allocation.range {a.range} cannot reach the target sparsity {f.sparsity}; "
+                            "it needs 0 <= LOW <= sparsity <= HIGH < 1")
+        if not 0 <= a.lam < 1 or a.m <= 0:
+            raise UserError(f"fitness.allocation needs 0 <= lam < 1 and m > 0, got lam {a.lam}, m {a.m}")
     if c.source == "c4" and f.text == "c4":
         raise UserError("calibration.source and fitness.text are both c4: their windows could overlap; use "
                         "fitness.text: wikitext2 (validation), whose windows are kept apart from calibration windows")

@@ -43,13 +43,15 @@ def _load_yaml(path: Path) -> Any:
     return load_yaml(path, "run config")
 
 
-def fitness_settings(cfg: SearchConfig, resolve_device: bool = True):
-    c, f = cfg.calibration, cfg.fitness
+def fitness_settings(cfg: SearchConfig, resolve_device: bool = True) -> FitnessSettings:
+    c, f, a = cfg.calibration, cfg.fitness, cfg.fitness.allocation
+    alloc = {} if a is None else {"allocation": a.method, "owl_m": a.m, "owl_lambda": a.lam,
+                                  "sparsity_range": (a.range[0], a.range[1])}
     return FitnessSettings(
         model=cfg.model.name, sparsity=f.sparsity, pattern=f.pattern,
         calibration=Calibration(c.source, c.split, c.nsamples, c.seqlen, c.seed, c.data_dir),
         text=f.text, split=f.split, seqlen=f.seqlen, windows=f.windows, stats_mode=f.stats_mode,
-        device=pick_device(cfg.model.device) if resolve_device else cfg.model.device,
+        device=pick_device(cfg.model.device) if resolve_device else cfg.model.device, **alloc,
     )
 
 

@@ -1,5 +1,6 @@
 """Layerwise allocation: exact global counts, ranges, OWL computed independently, files, bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -120,3 +121,44 @@ def test_prune_cli_with_owl_and_its_file(tmp_path, capsys):
         argv = base + extra if "--pattern" not in extra else [a for a in base if a not in ("--sparsity", "0.7")] + extra
         assert main(argv) == 2
         assert word in capsys.readouterr().err
+
+
+def test_a_search_with_an_owl_allocation_resumes_exactly(tmp_path):
+    import yaml
+
+    from prunerzero.config import config_from_dict
+    from prunerzero.runs import run_search
+
+    model = str(tiny_model_folder(tmp_path / "m"))
+    data = str(local_data(tmp_path / "d"))
+
+    def cfg(root, generations):
+        return config_from_dict({
+            "name": "a", "output_dir": str(root), "seed": 2, "model": {"name": model, "device": "cpu"},
+            "calibration": {"nsamples": 2, "seqlen": 32, "data_dir": data},
+            "fitness": {"sparsity": 0.7, "seqlen": 32, "windows": 2,
+                        "allocation": {"method": "owl", "m": 5, "lam": 0.08, "range": [0.5, 0.9]}},
+            "search": {"population": 6, "generations": generations, "init_max_depth": 2}})
+
+    full = run_search(cfg(tmp_path / "full", 3))
+    run_search(cfg(tmp_path / "split", 1))
+    resumed = run_search(cfg(tmp_path / "split", 3), resume=True)
+    assert resumed.log == full.log and resumed.population == full.population
+    saved = yaml.safe_load((tmp_path / "split" / "a" / "config.yaml").read_text())
+    assert saved["fitness"]["allocation"]["method"] == "owl"
+    state = json.loads((tmp_path / "split" / "a" / "state.json").read_text())
+    assert state["fingerprint"]["fitness"]["allocation"] == "owl"
+    # the OWL fitness differs from the uniform one for the same tree
+    from prunerzero.fitness.model_fitness import ModelFitness
+    from prunerzero.primitives.tree import Tree
+    from prunerzero.runs import fitness_settings
+
+    owl_settings = fitness_settings(cfg(tmp_path / "split", 3))
+    plain = ModelFitness(dataclasses.replace(owl_settings, allocation=None), tmp_path / "split" / "a")
+    with_owl = ModelFitness(owl_settings, tmp_path / "split" / "a")
+    tree = Tree.parse("mul(W, sqrt(X))")
+    assert with_owl.masks(tree).key() != plain.masks(tree).key()
+    counts = {n: int(m.sum()) for n, m in with_owl.masks(tree).items()}
+    assert counts == with_owl.allocation.counts
+    with pytest.raises(UserError, match="cannot reach the target"):
+        config_from_dict({"fitness": {"sparsity": 0.7, "allocation": {"range": [0.1, 0.6]}}})

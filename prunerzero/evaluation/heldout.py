@@ -30,12 +30,14 @@ from prunerzero.data import joined_tokens, text_rows
 from prunerzero.errors import UserError
 from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.files import read_json, write_json
-from prunerzero.models import load_model
+from prunerzero.models import load_model, prunable_linears
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, exact_counts, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
 from prunerzero.pruning.prune import METHODS, prune_model
+from prunerzero.pruning.stats import collect_activation_norms
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class Cell:
     calib_seed: int = 0
     calib_source: str = "wikitext2"
     model: str = "smollm2-135m"
+    allocation: str | None = None  # None: every layer at `sparsity`; "uniform" or "owl" (exact counts)
+    owl_m: float = OWL_M
+    owl_lambda: float = OWL_LAMBDA
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "dense"):
@@ -69,6 +74,10 @@ class Cell:
             Tree.parse(self.tree or "")
         if self.method != "dense":
             check_sparsity(self.sparsity, Pattern.parse(self.pattern))
+        if self.allocation not in (None, "uniform", "owl"):
+            raise UserError(f"cell {self.label}: allocation must be uniform or owl, not {self.allocation!r}")
+        if self.allocation is not None and Pattern.parse(self.pattern).structured:
+            raise UserError(f"cell {self.label}: a layerwise allocation needs unstructured sparsity")
         if self.text not in TEXTS:
             raise UserError(f"cell {self.label}: text {self.text!r} is not one of {', '.join(TEXTS)}")
 
@@ -77,11 +86,14 @@ class Cell:
         if self.method == "dense":
             return (self.model, "dense")
         return (self.model, self.method, self.tree, self.pattern, self.sparsity, self.nsamples, self.calib_seqlen,
-                self.calib_seed, self.calib_source)
+                self.calib_seed, self.calib_source, self.allocation, self.owl_m, self.owl_lambda)
 
     def key(self) -> str:
         d = asdict(self)
         d.pop("label")
+        if self.allocation is None:  # cells without an allocation keep the keys they always had
+            for k in ("allocation", "owl_m", "owl_lambda"):
+                d.pop(k)
         if self.method == "dense":
             for k in ("tree", "pattern", "sparsity", "nsamples", "calib_seqlen", "calib_seed", "calib_source"):
                 d.pop(k)
@@ -158,8 +170,17 @@ class CellRunner:
         gradients = None
         if tree is not None and "G" in tree.terminals:
             gradients = gradients_for(model, source, windows, calib, self.gradient_cache)
+        allocation = None
+        if cell.allocation is not None:
+            names = list(prunable_linears(model))
+            sizes = {n: m.weight.numel() for n, m in prunable_linears(model).items()}
+            if cell.allocation == "owl":
+                allocation, _ = owl_for_model(model, collect_activation_norms(model, windows), cell.sparsity,
+                                              cell.owl_m, cell.owl_lambda)
+            else:
+                allocation = exact_counts({n: cell.sparsity for n in names}, sizes, cell.sparsity, 0.0, 1.0, "uniform")
         report = prune_model(model, cell.method, cell.sparsity, Pattern.parse(cell.pattern), windows=windows,
-                             tree=tree, gradients=gradients)
+                             tree=tree, gradients=gradients, allocation=allocation)
         self._sparsity = report.sparsity_actual
         return model, tokenizer, report.seconds
 

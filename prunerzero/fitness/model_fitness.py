@@ -31,6 +31,7 @@ from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
 from prunerzero.memory import keep_freed_memory
 from prunerzero.models import load_model, prunable_linears, resolve_model
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, Allocation, exact_counts, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.equivalence import probes_from_layers
 from prunerzero.pruning.masks import (
@@ -38,6 +39,7 @@ from prunerzero.pruning.masks import (
     PackedMasks,
     Pattern,
     check_sparsity,
+    prune_count,
     prune_mask,
 )
 from prunerzero.pruning.prune import (
@@ -81,17 +83,30 @@ class FitnessSettings:
     # Fitness windows avoid every calibration window (same text). False only in fingerprints of
     # runs written before this was the rule, which resume then refuses.
     disjoint_from_calibration: bool = True
+    allocation: str | None = None  # None: every layer at `sparsity`; "uniform" or "owl": exact counts per layer
+    owl_m: float = OWL_M
+    owl_lambda: float = OWL_LAMBDA
+    sparsity_range: tuple[float, float] = (0.0, 0.99)
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, Pattern.parse(self.pattern))
         if self.split == "test":
             raise UserError("the fitness text must not be the test split (it is kept for final reports); use validation")
+        if self.allocation not in (None, "uniform", "owl"):
+            raise UserError(f"allocation must be uniform or owl, not {self.allocation!r}")
+        if self.allocation is not None and Pattern.parse(self.pattern).structured:
+            raise UserError(f"a layerwise allocation needs unstructured sparsity, not {self.pattern}")
         if self.stats_mode not in ("once", "sequential"):
             raise UserError(f"stats_mode must be 'once' or 'sequential', not {self.stats_mode!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("device")
+        if self.allocation is None:  # runs without an allocation keep the fingerprint they always had
+            for key in ("allocation", "owl_m", "owl_lambda", "sparsity_range"):
+                d.pop(key)
+        else:
+            d["sparsity_range"] = list(self.sparsity_range)
         d["calibration"] = self.calibration.key()
         return d
 
@@ -173,6 +188,7 @@ class ModelFitness:
         self.tokens = fitness_tokens(tokenizer, settings.text, settings.split, settings.seqlen, settings.windows,
                                      (c.source, c.split, c.nsamples, c.seqlen, c.seed), c.data_dir)
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
+        self.allocation = self._allocation()
         self.known_masks: dict[str, float] = {}
         threads = torch.get_num_threads()
         on_cpu = next(model.parameters()).device.type == "cpu"
@@ -197,6 +213,8 @@ class ModelFitness:
             reason = unrankable(scores)
             if reason:
                 return f"{reason} in {name}"
+            if self.allocation is not None:
+                return PackedMask.of(prune_count(scores, self.allocation.counts[name]))
             return PackedMask.of(prune_mask(scores, self.settings.sparsity, self.pattern))
 
         masks = PackedMasks()
@@ -266,13 +284,27 @@ class ModelFitness:
         removed = Removed()  # the zeroed values only: never a second copy of the model
         try:
             prune_model(self.model, "tree", self.settings.sparsity, self.pattern, windows=self.calib_windows,
-                        tree=tree, gradients=self.gradients, removed=removed)
+                        tree=tree, gradients=self.gradients, removed=removed, allocation=self.allocation)
             ppl = self.forward_loss(budget)
         except UnrankableLayer as e:
             return FitnessResult.worst(str(e), time.perf_counter() - start)
         finally:
             removed.restore(self.model)
         return FitnessResult.measured(ppl, seconds=time.perf_counter() - start, budget=budget)
+
+    def _allocation(self) -> Allocation | None:
+        """The run's layerwise allocation, from the dense model's statistics (fixed for the run)."""
+        s = self.settings
+        if s.allocation is None:
+            return None
+        low, high = s.sparsity_range
+        if s.allocation == "uniform":
+            sizes = {n: lin.weight.numel() for n, lin in self.linears.items()}
+            return exact_counts({n: s.sparsity for n in sizes}, sizes, s.sparsity, low, high, "uniform")
+        allocation, outliers = owl_for_model(self.model, self.activations, s.sparsity, s.owl_m, s.owl_lambda, low, high)
+        log.info("OWL allocation: block outlier ratios %s; layer sparsities %.3f to %.3f",
+                 [round(o, 3) for o in outliers], min(allocation.ratios.values()), max(allocation.ratios.values()))
+        return allocation
 
     def probe_statistics(self, layers: int = 3) -> list[dict[str, torch.Tensor]]:
         """Rows of this model's own statistics (first, middle and last prunable layer)."""
