@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
-    temp = Path("/tmp") / f"rayc{os.getpid()}"  # Ray's socket paths must stay short
+    temp = Path(tempfile.gettempdir()) / f"rayc{os.getpid()}"  # Ray's socket paths must stay short
     address = f"127.0.0.1:{port}"
     try:
         for args in (["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
