@@ -133,6 +133,8 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="list the cells and whether each is measured")
     parser.add_argument("--table", action="store_true", help="print the tables from the records (no measuring)")
     parser.add_argument("--plot", default="results/headline.png")
+    parser.add_argument("--readme", default=None, help="with --table: also write the tables into this file's "
+                                                         "<!-- headline:start/end --> markers")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -146,8 +148,14 @@ def main() -> int:
                       + (f"  ppl {rec['ppl']:.3f}" if rec and rec.get("ppl") else ""))
         return 0
     if args.table:
-        print(markdown(tables, runner))
+        text = markdown(tables, runner)
+        print(text)
         plot(tables, runner, Path(args.plot))
+        if args.readme:
+            readme = Path(args.readme).read_text()
+            start, end = "<!-- headline:start -->", "<!-- headline:end -->"
+            i, j = readme.index(start) + len(start), readme.index(end)
+            Path(args.readme).write_text(readme[:i] + "\n" + text + "\n" + readme[j:])
         return 0
     todo = [cell for name, cells in tables.items() for r, c, cell in cells
             if args.only is None or re.search(args.only, cell_id(name, r, c))]
