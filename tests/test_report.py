@@ -35,7 +35,8 @@ def test_report_of_a_run(recon_run):
                   "evaluated", "degenerate"):
         assert label in page
     assert f"<td class='num'>{state.counters['evaluated']}</td>" in page
-    assert page.count("data:image/png;base64,") == 1  # the fitness plot; no sweep on this run
+    assert page.count("data:image/png;base64,") == 2  # the fitness plot and the Pareto front; no sweep
+    assert "Pareto front" in page and "--pareto" in page
     assert "search.population" in page and "reconstruction" in page  # the configuration
     assert (run_dir / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -142,7 +143,7 @@ def test_saved_sweep_shown_again(recon_run, tmp_path):
     (copy / "sweep.json").write_text(json.dumps(sweep))
     assert main(["report", str(copy)]) == 0
     page = (copy / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "#1 mul(W, X)" in page and "Read from sweep.json" in page
+    assert page.count("data:image/png;base64,") == 3 and "#1 mul(W, X)" in page and "Read from sweep.json" in page
     assert (copy / "sweep.png").is_file()
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from prunerzero.errors import UserError
 from prunerzero.primitives.known import KNOWN_METRICS
+from prunerzero.primitives.tree import Tree
 from prunerzero.search import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,18 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
 
     out.append("<h2>Fitness over generations</h2>")
     out.append(_img(fitness_png, "fitness over generations") if fitness_png else '<p class="note">No generation logged yet.</p>')
+
+    front = state.pareto_front()
+    if front:
+        out.append("<h2>Fitness against size (Pareto front)</h2>")
+        out.append('<p class="note">Metrics no other beats on both fitness and size; '
+                   f'<code>prunerzero export {_e(run_dir)} --pareto</code> writes them.</p>')
+        rows = "".join(f"<tr><td class='num'>{len(Tree.parse(r['tree']))}</td><td class='num'>{_fmt(r['fitness'])}</td>"
+                       f"<td><code>{_e(r['tree'])}</code></td></tr>" for r in front)
+        out.append(f"<table><tr><th>size</th><th>fitness</th><th>metric</th></tr>{rows}</table>")
+        pareto = run_dir / ckpt.PARETO_PLOT
+        if pareto.is_file():
+            out.append(_img(pareto.read_bytes(), "fitness against tree size"))
 
     out.append("<h2>Sparsity sweep</h2>")
     if sweep:
