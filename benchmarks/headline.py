@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
-from prunerzero.files import read_json
 from prunerzero.primitives.known import shipped_trees
 from prunerzero.primitives.tree import Tree
 
