@@ -96,29 +96,33 @@ def markdown(tables: dict, runner: CellRunner) -> str:
 
 
 def plot(tables: dict, runner: CellRunner, path: Path) -> None:
+    """Bars of the measured WikiText-2 cells, one group per column that has data, values written on them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [(r, c, runner.done(cell)) for r, c, cell in tables["wikitext2"] if r != "dense"]
-    cols = [c for c, *_ in COLUMNS if c != "50%"]
-    rows = list(dict.fromkeys(r for r, _, _ in cells))
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    cells = {(r, c): runner.done(cell) for r, c, cell in tables["wikitext2"]}
+    value = {k: rec["ppl"] for k, rec in cells.items() if rec and rec.get("ppl")}
+    rows = [r for r in dict.fromkeys(r for r, _ in cells) if r != "dense" and any(k[0] == r for k in value)]
+    cols = [c for c, *_ in COLUMNS if any((r, c) in value for r in rows)]
+    if not cols:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(cols) + 3.5), 4.6))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
-        ys = [next((rec["ppl"] for rr, cc, rec in cells if rr == r and cc == c and rec and rec.get("ppl")), None)
-              for c in cols]
-        xs = [j + i * width for j, y in enumerate(ys) if y is not None]
-        ax.bar(xs, [y for y in ys if y is not None], width, label=r)
-    dense = next((runner.done(cell) for r, c, cell in tables["wikitext2"] if r == "dense" and c == "50%"), None)
-    if dense:
-        ax.axhline(dense["ppl"], color="k", linestyle=":", label=f"dense {dense['ppl']:.2f}")
+        xs = [j + i * width for j, c in enumerate(cols) if (r, c) in value]
+        ys = [value[(r, c)] for c in cols if (r, c) in value]
+        bars = ax.bar(xs, ys, width, label=r)
+        ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
+    for c in cols:
+        if ("dense", c) in value:
+            ax.axhline(value[("dense", c)], color="k", linestyle=":", label=f"dense ({c}) {value[('dense', c)]:.2f}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
     ax.set_yscale("log")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
-    ax.set_title("SmolLM2-135M pruned without weight updates (sparsegpt updates)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("WikiText-2 test perplexity (log scale)")
+    ax.set_title("SmolLM2-135M, metrics without weight updates; lower is better", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
