@@ -33,8 +33,15 @@ def free_port() -> int:
 
 
 def worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::FitnessWorker" in line]
+    """Processes of the pool's actors (Ray names them ray::FitnessWorker)."""
+    import psutil  # installed with ray[default]
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+        text = " ".join(proc.info.get("cmdline") or []) + " " + (proc.info.get("name") or "")
+        if "ray::FitnessWorker" in text:
+            pids.append(proc.info["pid"])
+    return pids
 
 
 @pytest.fixture
@@ -77,9 +84,7 @@ def test_search_on_a_two_node_cluster_survives_a_killed_worker(cluster, tiny_mod
     pids = worker_pids()
     if len(pids) != 2:
         search.kill()
-        ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
-        pytest.fail(f"workers {pids}; search output: {search.communicate()[0][-3000:]}; ray processes: "
-                    + " | ".join(line[:80] for line in ps.splitlines() if "ray" in line))
+        pytest.fail(f"workers {pids}; search output: {search.communicate()[0][-3000:]}")
     os.kill(pids[0], signal.SIGKILL)  # generation 1 is being bred or evaluated: a worker dies under it
     out, _ = search.communicate(timeout=600)
     assert search.returncode == 0, out[-3000:]
