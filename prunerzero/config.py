@@ -112,6 +112,7 @@ class SearchSection:
     top_k: int = 10  # steady state: parents are drawn from the current top k
     steps_per_generation: int = 10  # steady state: children bred per generation (the checkpoint unit)
     batch: typing.Optional[int] = None  # steady state: children bred between replacements (1: the paper's; null: a generation's)
+    in_flight: typing.Optional[int] = None  # steady state without barrier: children out for evaluation at once
     regenerate_attempts: int = 5
 
 
@@ -286,6 +287,17 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise UserError(f"search.init_max_depth ({s.init_max_depth}) exceeds search.max_height ({s.max_height})")
     if s.elites >= s.population or s.elites < 0:
         raise UserError(f"search.elites must be within [0, population), got {s.elites}")
+    if s.in_flight is not None:
+        if s.algorithm != "steady_state":
+            raise UserError("search.in_flight needs search.algorithm: steady_state")
+        if s.batch is not None:
+            raise UserError("search.in_flight and search.batch exclude each other: in_flight breeds a child as each "
+                            "result comes in; remove one of them")
+        if not 0 < s.in_flight <= s.population:
+            raise UserError(f"search.in_flight must be within [1, population={s.population}], got {s.in_flight}")
+        if cfg.fitness.multi_fidelity is not None:
+            raise UserError("search.in_flight cannot be used with fitness.multi_fidelity (a rung ranks a whole batch); "
+                            "use search.batch, or remove fitness.multi_fidelity")
     if s.batch is not None and not 0 < s.batch <= s.steps_per_generation:
         raise UserError(f"search.batch must be within [1, steps_per_generation={s.steps_per_generation}], got {s.batch}")
     if s.algorithm == "steady_state" and (s.top_k < 2 or s.top_k > s.population):

@@ -17,6 +17,7 @@ import pytest
 import ray
 import torch
 
+from prunerzero.config import SearchSection
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.fitness.model_fitness import (
@@ -29,6 +30,7 @@ from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings, statistics_re
 from prunerzero.models import SMOLLM2, cache_dir, load_model, resolve_model
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
+from prunerzero.search.engine import GeneticSearch
 
 KNOWN = ["abs(W)", "mul(abs(W), sqrt(X))", "mul(abs(mul(W, W)), mms(G))", "sqrt(G)"]
 
@@ -181,6 +183,37 @@ def test_ray_fitness_equals_in_process(pool, reference):
         assert [r.fitness for r in low] == [r.fitness for r in reference.evaluate(trees(*KNOWN), budget=1)]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_submitted_trees_come_back_as_they_finish(pool, reference):
+    texts = ["mul(abs(W), X)", "add(abs(W), G)", "mul(W, G)", "abs(mul(W, sqrt(X)))", "sqrt(X)"]
+    tickets = {pool.submit(t): str(t) for t in trees(*texts)}
+    got = {}
+    while len(got) < len(tickets):
+        batch = pool.wait_any()
+        assert batch and not set(batch) & set(got)
+        got.update(batch)
+    assert set(got) == set(tickets)
+    by_text = {tickets[k]: r.fitness for k, r in got.items()}
+    assert [by_text[t] for t in texts] == in_process(reference, texts)
+    with pytest.raises(RuntimeError, match="no tree submitted"):
+        pool.wait_any()
+
+
+def test_search_without_barrier_on_the_pool_equals_in_process(pool, reference):
+    """search.in_flight on two workers: the same run as one process evaluating in order."""
+    params = SearchSection(algorithm="steady_state", population=6, generations=2, top_k=3, steps_per_generation=4,
+                           in_flight=3, max_height=5, max_size=12)
+    on_pool = GeneticSearch(params, pool, seed=1).run(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = GeneticSearch(params, reference, seed=1).run(2)
+    finally:
+        torch.set_num_threads(threads)
+    assert on_pool.population == local.population and on_pool.pending == local.pending
+    assert {k: r["fitness"] for k, r in on_pool.cache.items()} == {k: r["fitness"] for k, r in local.cache.items()}
+    assert len(on_pool.pending) == 2
 
 
 def test_remember_seeds_the_workers(pool, reference):

@@ -71,6 +71,32 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]: ...
 
+    # Asynchronous use (the steady state with ``search.in_flight``): trees are submitted one at a
+    # time and their results collected as they finish. This default evaluates each queued tree
+    # when results are asked for, in submission order; the Ray pool overrides both and keeps every
+    # worker busy.
+    _submitted: dict[int, Tree] | None = None
+    _next_ticket: int = 0
+
+    def submit(self, tree: Tree) -> int:
+        """Queue a tree on the full budget; returns its ticket."""
+        if self._submitted is None:
+            self._submitted = {}
+        ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+        self._submitted[ticket] = tree
+        return ticket
+
+    def wait_any(self) -> dict[int, FitnessResult]:
+        """Results of submitted trees (ticket -> result): at least one, blocking until then."""
+        if not self._submitted:
+            raise RuntimeError("wait_any() with no tree submitted")
+        ticket = min(self._submitted)
+        return {ticket: self.evaluate([self._submitted.pop(ticket)])[0]}
+
+    def drop_submitted(self) -> None:
+        """Forget every submitted tree whose result was not collected (a search that stops)."""
+        self._submitted = {}
+
     def probe_statistics(self) -> list[dict[str, torch.Tensor]]:
         """Statistics on which simplifications are checked: realistic synthetic ones by default;
         evaluators that hold a model give rows of its own."""

@@ -3,8 +3,9 @@
 The driver prepares the statistics once (cached in the run folder), then starts ``workers``
 actors; each loads the model, the statistics and the fitness tokens once and then evaluates
 formula strings one after another (a :class:`~prunerzero.fitness.model_fitness.ModelFitness` per
-actor, so fitnesses equal those of the in-process evaluator). A batch is spread dynamically: a
-free actor takes the next tree. Results come back in input order.
+actor, so fitnesses equal those of the in-process evaluator). Trees are queued (``submit``, or a
+whole batch with ``evaluate``) and a free actor takes the next one; ``wait_any`` returns results
+as they finish, ``evaluate`` returns a batch's in input order.
 
 Faults never stop the search:
 
@@ -88,7 +89,12 @@ class RayEvaluator(Evaluator):
         self.run_dir = Path(run_dir)
         self.ray_settings = ray_settings or RaySettings()
         self._slots: list[_Slot] = []
-        self._running: dict[Any, _Job] = {}
+        self._running: dict[Any, _Job] = {}  # ObjectRef -> the job it answers
+        self._jobs: dict[int, tuple[str, int | None]] = {}  # ticket -> (formula, budget), until collected
+        self._queue: deque[int] = deque()  # tickets not yet sent to a worker
+        self._results: dict[int, FitnessResult] = {}  # finished, not yet collected
+        self._deaths: dict[int, int] = {}  # ticket -> workers that died under it
+        self._next_ticket = 0
         self._known: dict[str, float] = {}
         self._owns_ray = False
         self._closed = False
@@ -218,32 +224,63 @@ class RayEvaluator(Evaluator):
         for slot in self._slots:  # actor calls run in order, so this lands before later trees
             slot.handle.remember.remote(dict(mask_fitness))
 
-    def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
+    def submit(self, tree: Tree, budget: int | None = None) -> int:
+        """Queue a tree; the next free worker takes it. Returns its ticket for :meth:`wait_any`."""
         if self._closed:
             raise UserError("this Ray evaluator is closed")
-        texts = [str(t) for t in trees]
-        first: dict[str, int] = {}
-        for i, text in enumerate(texts):
-            first.setdefault(text, i)
-        queue = deque(sorted(set(first.values())))
-        results: dict[int, FitnessResult] = {}
-        deaths: dict[int, int] = {}
+        ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+        self._jobs[ticket] = (str(tree), budget)
+        self._queue.append(ticket)
+        return ticket
+
+    def wait_any(self) -> dict[int, FitnessResult]:
+        """Results of submitted trees (ticket -> result) as soon as at least one is in; workers
+        that become free meanwhile take the next queued trees."""
+        if not self._jobs:
+            raise RuntimeError("wait_any() with no tree submitted")
         try:
-            while queue or self._running:
-                self._dispatch(queue, texts, budget)
-                self._step(queue, results, deaths)
+            while not self._results:
+                self._dispatch()
+                self._step()
         except BaseException:  # KeyboardInterrupt included: leave no worker running, re-raise
             self.close()
             raise
-        out = []
-        for i, text in enumerate(texts):
-            r = results[first[text]]
-            if first[text] != i:  # a repeated formula: the same masks, as the in-process cache would say
+        out, self._results = self._results, {}
+        for ticket in out:
+            del self._jobs[ticket]
+            self._deaths.pop(ticket, None)
+        self._share({mask_cache_key(r.mask_key, r.budget): r.fitness for r in out.values()
+                     if r.mask_key and r.reason is None and not r.cached})
+        return out
+
+    def drop_submitted(self) -> None:
+        """Forget the trees not collected: queued ones are never sent, and the answers of those
+        being evaluated are ignored when they come (their workers then take new trees)."""
+        self._queue.clear()
+        self._jobs.clear()
+        self._results.clear()
+        self._deaths.clear()
+
+    def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
+        """A batch, spread over the workers; results in input order."""
+        if self._jobs:
+            raise RuntimeError("evaluate() while trees submitted with submit() are outstanding")
+        texts = [str(t) for t in trees]
+        tickets: dict[str, int] = {}
+        for tree, text in zip(trees, texts):
+            if text not in tickets:
+                tickets[text] = self.submit(tree, budget)
+        results: dict[int, FitnessResult] = {}
+        while len(results) < len(tickets):
+            results.update(self.wait_any())
+        out, seen = [], set()
+        for text in texts:
+            r = results[tickets[text]]
+            if text in seen:  # a repeated formula: the same masks, as the in-process cache would say
                 r = FitnessResult(r.fitness, reason=r.reason, mask_key=r.mask_key,
                                   cached="mask" if r.mask_key else None, budget=r.budget)
+            seen.add(text)
             out.append(r)
-        self._share({mask_cache_key(r.mask_key, r.budget): r.fitness for r in results.values()
-                     if r.mask_key and r.reason is None and not r.cached})
         return out
 
     def close(self) -> None:
@@ -261,18 +298,18 @@ class RayEvaluator(Evaluator):
         self._owns_ray = False
 
     # ------------------------------------------------------------------ scheduling
-    def _dispatch(self, queue: deque, texts: list[str], budget: int | None) -> None:
+    def _dispatch(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
-            if not queue:
+            if not self._queue:
                 return
             if slot.ready_ref is None and slot.job is None:
-                index = queue.popleft()
-                ref = slot.handle.evaluate.remote(texts[index], budget)
+                index = self._queue.popleft()
+                ref = slot.handle.evaluate.remote(*self._jobs[index])
                 slot.job = ref
                 self._running[ref] = _Job(slot, index, now)
 
-    def _step(self, queue: deque, results: dict[int, FitnessResult], deaths: dict[int, int]) -> None:
+    def _step(self) -> None:
         """Wait for one answer (a tree or a starting worker) or the next deadline, and handle it."""
         starting = {s.ready_ref: s for s in self._slots if s.ready_ref is not None}
         refs = list(self._running) + list(starting)
@@ -286,7 +323,7 @@ class RayEvaluator(Evaluator):
         done, _ = ray.wait(refs, num_returns=1, timeout=wait)
         for ref in done:
             if ref in self._running:
-                self._finish(ref, queue, results, deaths)
+                self._finish(ref)
             else:
                 self._started(starting[ref])
         now = time.monotonic()
@@ -295,15 +332,23 @@ class RayEvaluator(Evaluator):
                 del self._running[ref]
                 self.timeouts += 1
                 log.warning("tree %d timed out after %g s; replacing its worker", job.index, timeout)
-                results[job.index] = FitnessResult.worst(f"timeout after {timeout:g} s", now - job.sent)
+                if job.index in self._jobs:
+                    self._results[job.index] = FitnessResult.worst(f"timeout after {timeout:g} s", now - job.sent)
                 self._replace(job.slot)
         for slot in list(starting.values()):
             if slot.ready_ref is not None and now - slot.started > self.ray_settings.startup_timeout_s:
                 self._failed_start(slot, f"did not start within {self.ray_settings.startup_timeout_s:g} s")
 
-    def _finish(self, ref: Any, queue: deque, results: dict[int, FitnessResult], deaths: dict[int, int]) -> None:
+    def _finish(self, ref: Any) -> None:
         job = self._running.pop(ref)
+        results, deaths = self._results, self._deaths
         job.slot.job = None
+        if job.index not in self._jobs:  # dropped: the answer is not wanted; a dead worker is replaced
+            try:
+                ray.get(ref)
+            except (RayActorError, RayError):
+                self._replace(job.slot)
+            return
         try:
             result = ray.get(ref)
         except UserError as e:  # as the in-process evaluator: a configuration problem stops the run
@@ -320,7 +365,7 @@ class RayEvaluator(Evaluator):
                 reason = f"worker died {deaths[job.index]} times under this tree: {why}"
                 results[job.index] = FitnessResult.worst(reason)
             else:
-                queue.appendleft(job.index)
+                self._queue.appendleft(job.index)
             self._replace(job.slot)
             return
         if result.reason is None and result.seconds > self.ray_settings.timeout_s:

@@ -10,8 +10,11 @@ Two loop styles:
 - ``generational``: tournament selection, subtree crossover, subtree/node mutation, elitism from
   the hall of fame.
 - ``steady_state`` (the paper's): each step draws two parents among the current top k, breeds one
-  child by crossover and mutation; children of a generation are evaluated as one batch (so workers
-  run in parallel), then each replaces the current worst individual.
+  child by crossover and mutation, and the child replaces the current worst individual. Children
+  are evaluated in batches of ``batch`` (``batch: 1`` is the paper's loop), or, with
+  ``in_flight: N``, without any barrier: N children are always out for evaluation and a new one
+  is bred as each result comes in (see :meth:`GeneticSearch._run_in_flight` for how this stays
+  deterministic and resumable). A generation is then only the unit of checkpointing.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ import operator
 import random
 import statistics
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from deap import base, gp, tools
 
 from prunerzero.config import SearchSection
 from prunerzero.errors import UserError
-from prunerzero.fitness.base import WORST_FITNESS, Evaluator
+from prunerzero.fitness.base import WORST_FITNESS, Evaluator, FitnessResult
 from prunerzero.primitives.deap_set import (
     Individual,
     primitive_set,
@@ -44,7 +48,6 @@ from prunerzero.search.simplify import Simplifier, symbolic_key
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class SearchState:
     """The whole state of a search; what a checkpoint holds (besides the config)."""
@@ -53,13 +56,17 @@ class SearchState:
     population: list[str] = field(default_factory=list)  # formulas
     cache: dict[str, dict[str, Any]] = field(default_factory=dict)  # canonical key -> record
     log: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # in-flight steady state: children bred, not yet placed
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("generated", "simplified", "regenerated", "formula_cache_hits", "mask_cache_hits", "evaluated", "degenerate",
          "promoted", "stopped_low"), 0))
 
     def to_json(self) -> dict[str, Any]:
-        return {"generation": self.generation, "population": self.population, "cache": self.cache,
-                "log": self.log, "counters": self.counters}
+        d = {"generation": self.generation, "population": self.population, "cache": self.cache,
+             "log": self.log, "counters": self.counters}
+        if self.pending:
+            d["pending"] = self.pending
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SearchState":
@@ -76,7 +83,10 @@ class SearchState:
             raise UserError("'population' must be a list of formulas")
         if d["generation"] >= 0 and not d["population"]:
             raise UserError(f"'population' is empty after generation {d['generation']}")
-        for f in d["population"]:
+        pending = d.get("pending", [])
+        if not isinstance(pending, list) or not all(isinstance(f, str) for f in pending):
+            raise UserError("'pending' must be a list of formulas")
+        for f in d["population"] + pending:
             Tree.parse(f)
         for key, r in d["cache"].items():
             if (not isinstance(r, dict) or not isinstance(r.get("tree"), str)
@@ -92,6 +102,7 @@ class SearchState:
         state = cls()
         state.generation = d["generation"]
         state.population = list(d["population"])
+        state.pending = list(pending)
         state.cache = dict(d["cache"])
         state.log = list(d["log"])
         state.counters.update(d["counters"])
@@ -132,8 +143,18 @@ class SearchState:
         return sorted(front, key=lambda r: len(Tree.parse(r["tree"])))
 
 
+@dataclass
+class _InFlight:
+    """A child out for evaluation (``tree`` None: its fitness was known when it was bred)."""
+
+    child: Individual
+    key: str
+    tree: Tree | None
+    result: FitnessResult | None = None
+
+
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def _seeded(seed: int | str) -> Iterator[None]:
     saved = random.getstate()
     random.seed(seed)
     try:
@@ -177,42 +198,54 @@ class GeneticSearch:
         """Simplify, look up, evaluate what is new; returns the canonical key of each tree."""
         keys, todo = [], {}
         for tree in trees:
-            s = self.simplify(tree)
-            keys.append(s.key)
-            if s.key in self.state.cache or s.key in todo:
-                self.state.counters["formula_cache_hits"] += 1
-            elif s.constant:
-                self.state.counters["degenerate"] += 1
-                self.state.cache[s.key] = {"tree": str(s.tree), "fitness": WORST_FITNESS, "generation": generation,
-                                           "reason": "constant metric (no terminal survives simplification)"}
-            else:
-                todo[s.key] = s.tree
+            key, new = self._lookup(tree, generation, todo)
+            keys.append(key)
+            if new is not None:
+                todo[key] = new
         if todo:
             results = self.evaluator.evaluate(list(todo.values()))
             for (key, tree), res in zip(todo.items(), results):
-                fitness = float(res.fitness)
-                if not fitness == fitness or fitness > WORST_FITNESS:  # NaN or beyond the worst: an evaluator bug
-                    res.reason = res.reason or f"fitness {fitness} is not a finite number"
-                    fitness = WORST_FITNESS
-                record = {"tree": str(tree), "fitness": fitness, "generation": generation}
-                if res.reason:
-                    record["reason"] = res.reason
-                    self.state.counters["degenerate"] += 1
-                if res.mask_key:
-                    record["mask_key"] = res.mask_key
-                if res.low_fitness is not None:
-                    record["low_fitness"] = float(res.low_fitness)
-                    if res.cached is None:  # real work: measured on the low budget, and maybe the full one
-                        self.state.counters["stopped_low" if res.estimated else "promoted"] += 1
-                if res.estimated:
-                    record["estimated"] = True
-                if res.cached == "mask":
-                    record["mask_cache_hit"] = True
-                    self.state.counters["mask_cache_hits"] += 1
-                else:
-                    self.state.counters["evaluated"] += 1
-                self.state.cache[key] = record
+                self._record(key, tree, res, generation)
         return keys
+
+    def _lookup(self, tree: Tree, generation: int, waiting: Mapping[str, Any]) -> tuple[str, Tree | None]:
+        """(canonical key, the simplified tree to evaluate) or (key, None) when its fitness is
+        known or on its way (``waiting``): a formula-cache hit, or a constant metric."""
+        s = self.simplify(tree)
+        if s.key in self.state.cache or s.key in waiting:
+            self.state.counters["formula_cache_hits"] += 1
+            return s.key, None
+        if s.constant:
+            self.state.counters["degenerate"] += 1
+            self.state.cache[s.key] = {"tree": str(s.tree), "fitness": WORST_FITNESS, "generation": generation,
+                                       "reason": "constant metric (no terminal survives simplification)"}
+            return s.key, None
+        return s.key, s.tree
+
+    def _record(self, key: str, tree: Tree, res: FitnessResult, generation: int) -> None:
+        """Put an evaluator's result in the formula cache, counting what it cost."""
+        fitness = float(res.fitness)
+        if not fitness == fitness or fitness > WORST_FITNESS:  # NaN or beyond the worst: an evaluator bug
+            res.reason = res.reason or f"fitness {fitness} is not a finite number"
+            fitness = WORST_FITNESS
+        record: dict[str, Any] = {"tree": str(tree), "fitness": fitness, "generation": generation}
+        if res.reason:
+            record["reason"] = res.reason
+            self.state.counters["degenerate"] += 1
+        if res.mask_key:
+            record["mask_key"] = res.mask_key
+        if res.low_fitness is not None:
+            record["low_fitness"] = float(res.low_fitness)
+            if res.cached is None:  # real work: measured on the low budget, and maybe the full one
+                self.state.counters["stopped_low" if res.estimated else "promoted"] += 1
+        if res.estimated:
+            record["estimated"] = True
+        if res.cached == "mask":
+            record["mask_cache_hit"] = True
+            self.state.counters["mask_cache_hits"] += 1
+        else:
+            self.state.counters["evaluated"] += 1
+        self.state.cache[key] = record
 
     def _simplified(self, ind: Individual) -> Individual:
         s = self.simplify(to_tree(ind))
@@ -302,24 +335,88 @@ class GeneticSearch:
         done = 0
         while done < self.p.steps_per_generation:
             self._assign(pop)
-            ranked = sorted(pop, key=lambda i: (i.fitness.values[0], len(i), str(i)))
-            top = ranked[: self.p.top_k]
             # a child may copy neither a member of the population nor a sibling of its batch
             taken = {self.simplify(to_tree(i)).key for i in pop}
-            children = []
-            for _ in range(min(batch, self.p.steps_per_generation - done)):
-                a, b = random.sample(top, 2)
-                child = self._fresh(self._vary(a, b), taken)
-                taken.add(self.simplify(to_tree(child)).key)
-                children.append(child)
+            children = [self._breed(pop, taken) for _ in range(min(batch, self.p.steps_per_generation - done))]
             self.evaluate([to_tree(c) for c in children], self.state.generation + 1)
             self._assign(children)
-            for child in children:  # each child replaces the current worst
-                pop.append(child)
-                worst = max(range(len(pop)), key=lambda j: (pop[j].fitness.values[0], len(pop[j]), str(pop[j]), j))
-                pop.pop(worst)
+            for child in children:
+                self._replace_worst(pop, child)
             done += len(children)
         return pop
+
+    def _breed(self, pop: list[Individual], taken: set[str]) -> Individual:
+        """One child of two parents drawn from the current top k (fitnesses assigned); its key
+        joins ``taken``, the keys it must not copy."""
+        ranked = sorted(pop, key=lambda i: (i.fitness.values[0], len(i), str(i)))
+        a, b = random.sample(ranked[: self.p.top_k], 2)
+        child = self._fresh(self._vary(a, b), taken)
+        taken.add(self.simplify(to_tree(child)).key)
+        return child
+
+    @staticmethod
+    def _replace_worst(pop: list[Individual], child: Individual) -> None:
+        pop.append(child)
+        worst = max(range(len(pop)), key=lambda j: (pop[j].fitness.values[0], len(pop[j]), str(pop[j]), j))
+        pop.pop(worst)
+
+    def _run_in_flight(self, generations: int) -> None:
+        """The steady state without a generation barrier (``search.in_flight`` = N): N children
+        are always out for evaluation, and a new child is bred as soon as the oldest one's result
+        is in, from the population that result leaves. A worker that finishes early takes the
+        next queued child at once (keep N above the worker count so one is always queued).
+
+        Results are taken in breeding order, never in finishing order: child i is bred from the
+        population after children 0..i-N replaced the worst, whatever the timing, so a run
+        depends on its seed and N only (not on worker count or speed), and the children in
+        flight at a checkpoint (``SearchState.pending``) are sent again on resume, exactly as
+        an uninterrupted run goes on. At the end of a call those N-1 evaluations are dropped.
+        Each child's breeding draws from its own seeded stream."""
+        steps, n = self.p.steps_per_generation, self.p.in_flight
+        pop = [to_individual(Tree.parse(f), self.pset) for f in self.state.population]
+        self._assign(pop)
+        flight: deque[_InFlight] = deque()  # oldest first
+        by_ticket: dict[int, _InFlight] = {}
+
+        def launch(child: Individual) -> None:
+            waiting = {f.key for f in flight if f.tree is not None}
+            key, tree = self._lookup(to_tree(child), self.state.generation + 1, dict.fromkeys(waiting))
+            entry = _InFlight(child, key, tree)
+            if tree is not None:
+                by_ticket[self.evaluator.submit(tree)] = entry
+            flight.append(entry)
+
+        for formula in self.state.pending:  # bred before the checkpoint: their turn comes first
+            launch(to_individual(Tree.parse(formula), self.pset))
+        done = self.state.generation * steps  # children that have replaced the worst
+        bred = done + len(flight)
+        start, before = time.perf_counter(), dict(self.state.counters)
+        try:
+            while done < generations * steps:
+                while bred < done + n:
+                    taken = {self.simplify(to_tree(i)).key for i in pop} | {f.key for f in flight}
+                    with _seeded(f"{self.seed}:child:{bred}"):
+                        launch(self._breed(pop, taken))
+                    bred += 1
+                head = flight.popleft()
+                while head.tree is not None and head.result is None:
+                    for ticket, result in self.evaluator.wait_any().items():
+                        by_ticket.pop(ticket).result = result
+                if head.tree is not None:
+                    self._record(head.key, head.tree, head.result, self.state.generation + 1)
+                head.child.fitness.values = (self.state.cache[head.key]["fitness"],)
+                self._replace_worst(pop, head.child)
+                done += 1
+                if done % steps == 0:
+                    self.state.population = [str(to_tree(i)) for i in pop]
+                    self.state.pending = [str(to_tree(f.child)) for f in flight]
+                    self.state.generation += 1
+                    self._log(self.state.generation, before, time.perf_counter() - start)
+                    if self.on_generation:
+                        self.on_generation(self.state)
+                    start, before = time.perf_counter(), dict(self.state.counters)
+        finally:
+            self.evaluator.drop_submitted()  # those still out are in state.pending: sent again on resume
 
     def _assign(self, pop: Sequence[Individual]) -> None:
         for ind in pop:
@@ -327,6 +424,9 @@ class GeneticSearch:
 
     def run(self, generations: int) -> SearchState:
         """Run until ``generations`` generations after the initial one are complete."""
+        if self.p.in_flight and self.state.generation >= 0:
+            self._run_in_flight(generations)
+            return self.state
         while self.state.generation < generations:
             gen = self.state.generation + 1
             start = time.perf_counter()
@@ -343,6 +443,8 @@ class GeneticSearch:
             self._log(gen, before, time.perf_counter() - start)
             if self.on_generation:
                 self.on_generation(self.state)
+            if self.p.in_flight:  # after the initial population: no generation barrier
+                self._run_in_flight(generations)
         return self.state
 
     def _log(self, gen: int, before: dict[str, int], seconds: float) -> None:
