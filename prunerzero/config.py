@@ -18,9 +18,11 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
+from prunerzero.primitives.known import metric_only, resolve_tree
 from prunerzero.primitives.registry import (
     CONSTANTS,
     DEFAULT_OPERATORS,
+    FEATURES,
     OPERATORS,
     TERMINALS,
     constant_name,
@@ -51,7 +53,7 @@ class CalibrationSection:
 class AllocationSection:
     """Layerwise sparsity for the search's fitness (unstructured only): exact global counts."""
 
-    method: str = "owl"  # uniform or owl
+    method: str = "owl"  # uniform or owl; "searched" in an allocation search (search.space: allocation)
     m: float = 5.0  # OWL's outlier threshold
     lam: float = 0.08  # OWL's range: block sparsities within +-lam of the target
     range: list = field(default_factory=lambda: [0.0, 0.99])  # every layer's sparsity stays in it
@@ -114,6 +116,8 @@ class SearchSection:
     batch: typing.Optional[int] = None  # steady state: children bred between replacements (1: the paper's; null: a generation's)
     in_flight: typing.Optional[int] = None  # steady state without barrier: children out for evaluation at once
     regenerate_attempts: int = 5
+    space: str = "metric"  # metric: evolve pruning metrics; allocation: evolve per-layer sparsity functions
+    metric: str = "wanda"  # allocation space: the fixed metric (a known name, shipped name or formula)
 
 
 @dataclass
@@ -307,9 +311,16 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     unknown = [o for o in s.operators if o not in OPERATORS]
     if unknown:
         raise UserError(f"search.operators: unknown {', '.join(unknown)}; known: {', '.join(sorted(OPERATORS))}")
-    bad = [t for t in s.terminals if t not in TERMINALS]
+    if s.space not in ("metric", "allocation"):
+        raise UserError(f"search.space must be metric or allocation, got {s.space!r}")
+    leaves = TERMINALS if s.space == "metric" else tuple(FEATURES)
+    bad = [t for t in s.terminals if t not in leaves]
     if bad or not s.terminals:
-        raise UserError(f"search.terminals must be a non-empty subset of {', '.join(TERMINALS)}, got {s.terminals}")
+        hint = "" if s.space == "metric" else f" (allocation features: {'; '.join(f'{k}: {v}' for k, v in FEATURES.items())})"
+        raise UserError(f"search.terminals must be a non-empty subset of {', '.join(leaves)} for search.space: "
+                        f"{s.space}, got {s.terminals}{hint}")
+    if s.space == "allocation":
+        _check_allocation_search(cfg)
     if len(set(s.operators)) != len(s.operators) or len(set(s.terminals)) != len(s.terminals):
         raise UserError("search.operators and search.terminals must not repeat names")
     if len(set(s.constants)) != len(s.constants):
@@ -319,8 +330,10 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                         "(e.g. [0.25, 0.5, 2]) or drop pow")
     a = f.allocation
     if a is not None:
-        if a.method not in ("uniform", "owl"):
-            raise UserError(f"fitness.allocation.method must be uniform or owl, got {a.method!r}")
+        methods = ("uniform", "owl") if s.space == "metric" else ("searched",)
+        if a.method not in methods:
+            raise UserError(f"fitness.allocation.method must be {' or '.join(methods)} with search.space: {s.space}, "
+                            f"got {a.method!r}")
         if Pattern.parse(f.pattern).structured:
             raise UserError(f"fitness.allocation needs fitness.pattern: unstructured ({f.pattern} fixes every layer)")
         low, high = a.range
@@ -348,6 +361,27 @@ def validate(cfg: SearchConfig) -> SearchConfig:
             raise UserError(f"heldout.baselines: unknown {', '.join(bad)}; known: {', '.join(known)}")
     check_run_name(cfg.name)
     return cfg
+
+
+def _check_allocation_search(cfg: SearchConfig) -> None:
+    """An allocation search: functions over per-layer features, the metric fixed."""
+    s, f = cfg.search, cfg.fitness
+    axis = [o for o in s.operators if OPERATORS[o].axis is not None]
+    if axis:
+        raise UserError(f"search.operators {', '.join(axis)} work along a weight's rows or columns; an allocation "
+                        "function reads one value per layer: drop them")
+    if f.allocation is None:
+        raise UserError("search.space: allocation needs fitness.allocation: {method: searched, lam: 0.08, range: "
+                        "[0.0, 0.99]} (lam: how far a layer may move from the target, as OWL's lambda)")
+    if cfg.evaluator.type != "inprocess":
+        raise UserError(f"search.space: allocation runs in-process only; set evaluator.type: inprocess, not "
+                        f"{cfg.evaluator.type}")
+    if f.multi_fidelity is not None:
+        raise UserError("search.space: allocation does not take fitness.multi_fidelity; remove it")
+    if cfg.heldout is not None:
+        raise UserError("the heldout section is for metric searches; measure an allocation run's result with "
+                        "prunerzero prune --allocation runs/NAME/allocation.json (remove heldout)")
+    metric_only(resolve_tree(s.metric))
 
 
 def config_from_dict(data: dict[str, Any]) -> SearchConfig:

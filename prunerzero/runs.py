@@ -17,13 +17,16 @@ from prunerzero.evaluation.heldout import (
     summary,
 )
 from prunerzero.files import write_json
+from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.fitness.base import Evaluator, mask_cache_key
-from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator
+from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, ModelFitness
 from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
 from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
 from prunerzero.models import pick_device
 from prunerzero.primitives.deap_set import space_fingerprint
+from prunerzero.primitives.known import resolve_tree
+from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.engine import GeneticSearch, SearchState
@@ -45,7 +48,7 @@ def _load_yaml(path: Path) -> Any:
 
 def fitness_settings(cfg: SearchConfig, resolve_device: bool = True) -> FitnessSettings:
     c, f, a = cfg.calibration, cfg.fitness, cfg.fitness.allocation
-    alloc = {} if a is None else {"allocation": a.method, "owl_m": a.m, "owl_lambda": a.lam,
+    alloc = {} if a is None or a.method == "searched" else {"allocation": a.method, "owl_m": a.m, "owl_lambda": a.lam,
                                   "sparsity_range": (a.range[0], a.range[1])}
     return FitnessSettings(
         model=cfg.model.name, sparsity=f.sparsity, pattern=f.pattern,
@@ -70,6 +73,9 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
     if s.constants:  # runs without constants keep the fingerprint they were written with
         space["constants"] = sorted(s.constants, key=float)
         space["constants_as_leaves"] = s.constants_as_leaves
+    if s.space == "allocation":  # metric searches keep the fingerprint they were written with
+        a = cfg.fitness.allocation
+        space["allocation"] = {"metric": str(resolve_tree(s.metric)), "lam": a.lam, "m": a.m, "range": list(a.range)}
     return {"space": space,
             "fitness": fit, "algorithm": s.algorithm, "seed": cfg.seed}
 
@@ -90,6 +96,10 @@ def _model_evaluator(cfg: SearchConfig) -> Evaluator:
         return RayEvaluator(fitness_settings(cfg), cfg.run_dir, RaySettings(
             workers=e.workers, cpus_per_worker=e.cpus_per_worker, gpus_per_worker=e.gpus_per_worker,
             threads_per_worker=e.threads_per_worker, address=e.address, timeout_s=e.timeout_s))
+    if cfg.search.space == "allocation":
+        a = cfg.fitness.allocation
+        return AllocationEvaluator(ModelFitness(fitness_settings(cfg), cfg.run_dir), resolve_tree(cfg.search.metric),
+                                   a.lam, a.m, a.range)
     return InProcessEvaluator(fitness_settings(cfg), cfg.run_dir)
 
 
@@ -160,6 +170,8 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         ckpt.save_checkpoint(run_dir, st, fp, cfg.search.hall_of_fame)
         ckpt.plot_progress(run_dir, st)
         ckpt.plot_pareto(run_dir, st)
+        if isinstance(evaluator, AllocationEvaluator):
+            write_best_allocation(run_dir, cfg, st, evaluator)
 
     try:
         if state is not None:
@@ -185,6 +197,22 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         if own:
             evaluator.close()
     return state
+
+
+ALLOCATION = "allocation.json"
+
+
+def write_best_allocation(run_dir: Path, cfg: SearchConfig, state: SearchState, evaluator: AllocationEvaluator) -> None:
+    """RUN/allocation.json: the best allocation function so far, as the per-layer sparsities that
+    ``prune --allocation`` loads, with the fitness of OWL and uniform on the same text."""
+    best = state.hall_of_fame(1)
+    if not best:
+        return
+    evaluator.write(Tree.parse(best[0]["tree"]), run_dir / ALLOCATION, best[0]["fitness"], run=cfg.name,
+                    generation=state.generation, reference=evaluator.reference_fitness(),
+                    made_with=f"prunerzero search (seed {cfg.seed}); calibration {cfg.calibration.nsamples} x "
+                              f"{cfg.calibration.seqlen} {cfg.calibration.source}, fitness {cfg.fitness.windows} x "
+                              f"{cfg.fitness.seqlen} {cfg.fitness.text} {cfg.fitness.split}")
 
 
 HELDOUT = "heldout.json"

@@ -14,7 +14,7 @@ from typing import Sequence
 from deap import base, gp
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import CONSTANTS, OPERATORS, TERMINALS, is_constant
+from prunerzero.primitives.registry import CONSTANTS, FEATURES, OPERATORS, TERMINALS, is_constant
 from prunerzero.primitives.tree import Tree
 
 
@@ -42,9 +42,13 @@ def primitive_set(operators: Sequence[str], terminals: Sequence[str], constants:
     unknown = [o for o in operators if o not in OPERATORS]
     if unknown:
         raise UserError(f"unknown operator(s) {', '.join(unknown)}; known: {', '.join(sorted(OPERATORS))}")
-    bad = [t for t in terminals if t not in TERMINALS]
+    bad = [t for t in terminals if t not in TERMINALS and t not in FEATURES]
     if bad:
-        raise UserError(f"unknown terminal(s) {', '.join(bad)}; known: {', '.join(TERMINALS)}")
+        raise UserError(f"unknown terminal(s) {', '.join(bad)}; known: {', '.join(TERMINALS)} (statistics), "
+                        f"{', '.join(FEATURES)} (allocation features)")
+    if set(terminals) & set(TERMINALS) and set(terminals) & set(FEATURES):
+        raise UserError("search.terminals mixes weight statistics (W, G, X) with allocation features "
+                        f"({', '.join(FEATURES)}): a metric reads the first, an allocation function the second")
     odd = [c for c in constants if not is_constant(c)]
     if odd:
         raise UserError(f"unknown constant(s) {', '.join(map(str, odd))}; known: {', '.join(CONSTANTS)}")

@@ -38,6 +38,13 @@ KNOWN_METRICS: dict[str, KnownMetric] = {m.name: m for m in (
 )}
 
 
+# Known allocation functions (search.space: allocation), seeded like the known metrics. OWL maps
+# the block's outlier ratio to sparsities, exactly the mapping every allocation function goes through.
+KNOWN_ALLOCATIONS: dict[str, KnownMetric] = {m.name: m for m in (
+    KnownMetric("owl", "B", "Yin et al., ICML 2024 (outlier-weighed layerwise sparsity; M and lambda from the config)"),
+)}
+
+
 def known_tree(name: str) -> Tree | None:
     metric = KNOWN_METRICS.get(name)
     return metric.tree if metric else None
@@ -50,6 +57,15 @@ SHIPPED_TREES = Path(__file__).resolve().parent.parent / "trees"
 
 def shipped_trees() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED_TREES.glob("*.json"))}
+
+
+def metric_only(tree: Tree) -> Tree:
+    """The tree, if it is a pruning metric (it reads W, G, X, not allocation features)."""
+    features = sorted(tree.terminals - set(TERMINALS))
+    if features:
+        raise UserError(f"{tree} reads allocation feature(s) {', '.join(features)}: it is an allocation function, "
+                        "not a metric; pass its allocation file to --allocation instead")
+    return tree
 
 
 def resolve_tree(spec: str) -> Tree:
@@ -65,9 +81,9 @@ def resolve_tree(spec: str) -> Tree:
     if spec in shipped:
         return Tree.load(shipped[spec])
     if "(" in spec or spec in TERMINALS:
-        return Tree.parse(spec)
+        return metric_only(Tree.parse(spec))
     path = Path(spec)
     if path.exists() or spec.endswith(".json"):
-        return Tree.load(path)
+        return metric_only(Tree.load(path))
     names = ", ".join([*KNOWN_METRICS, *shipped])
     raise UserError(f"tree {spec!r} is not a known metric ({names}), a formula, or an existing JSON file")

@@ -31,6 +31,19 @@ import sympy
 import torch
 
 TERMINALS: tuple[str, ...] = ("W", "G", "X")
+# Per-layer features an *allocation function* reads (``search.space: allocation``): each is a vector
+# with one entry per prunable layer, and the function's output sets each layer's sparsity.
+# Scores are those of the run's fixed metric on the dense model (``search.metric``).
+FEATURES: dict[str, str] = {
+    "D": "relative depth of the layer's decoder block (0 first, 1 last)",
+    "T": "1 for an attention projection, 0 for an MLP one",
+    "B": "outlier ratio (%) of the block's scores: share above M times their mean (OWL's feature)",
+    "O": "outlier ratio (%) of the layer's own scores",
+    "M": "mean |score| of the layer",
+    "S": "standard deviation of the layer's |scores|",
+    "E": "entropy of the layer's |scores| as a distribution, over log(number of weights) (0..1)",
+}
+LEAVES: tuple[str, ...] = TERMINALS + tuple(FEATURES)  # every named leaf a tree may hold
 # Numeric leaves a tree may hold (canonical text). A search draws from the subset its config names
 # (``search.constants``); any of these is accepted in a tree given by a user.
 CONSTANTS: tuple[str, ...] = ("0.1", "0.25", "0.5", "0.75", "1", "1.5", "2", "3", "4")

@@ -12,6 +12,7 @@ from typing import Any
 import sympy
 
 from prunerzero.primitives.registry import (
+    FEATURES,
     TERMINALS,
     ColNorm,
     ColZ,
@@ -25,6 +26,8 @@ from prunerzero.primitives.registry import (
 )
 
 SYMBOLS: dict[str, sympy.Symbol] = {name: sympy.Symbol(name, positive=True) for name in TERMINALS}
+# Allocation features may be 0 (depth of the first block, the MLP flag): non-negative, not positive.
+SYMBOLS.update({name: sympy.Symbol(name, nonnegative=True) for name in FEATURES})
 
 
 class Inexpressible(Exception):

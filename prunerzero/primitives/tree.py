@@ -19,6 +19,7 @@ import torch
 from prunerzero.errors import UserError
 from prunerzero.primitives.registry import (
     CONSTANTS,
+    LEAVES,
     OPERATORS,
     TERMINALS,
     constant_name,
@@ -36,13 +37,13 @@ def _arity(name: str) -> int:
 
 
 def _known(name: str) -> bool:
-    return name in OPERATORS or name in TERMINALS or is_constant(name)
+    return name in OPERATORS or name in LEAVES or is_constant(name)
 
 
 def _unknown_message(name: object, where: str) -> str:
     what = "constant" if constant_name(name) is not None else "operator or terminal"  # type: ignore[arg-type]
     return (f"unknown {what} {name!r} at {where}; known operators: {', '.join(sorted(OPERATORS))}; "
-            f"terminals: {', '.join(TERMINALS)}; constants: {', '.join(CONSTANTS)}")
+            f"terminals: {', '.join(TERMINALS)} (allocation features: {', '.join(LEAVES[len(TERMINALS):])}); constants: {', '.join(CONSTANTS)}")
 
 
 def _places(nodes: Sequence[str]) -> list[str]:
@@ -129,7 +130,7 @@ class Tree:
 
     @property
     def terminals(self) -> set[str]:
-        return {n for n in self.nodes if n in TERMINALS}
+        return {n for n in self.nodes if n in LEAVES}
 
     @property
     def constants(self) -> set[str]:
@@ -291,7 +292,7 @@ class Tree:
         device = next(iter(stats.values())).device if stats else None
         stack: list[torch.Tensor] = []
         for name in reversed(self.nodes):
-            if name in TERMINALS:
+            if name in LEAVES:
                 stack.append(stats[name])
             elif is_constant(name):
                 stack.append(torch.tensor(float(name), dtype=dtype, device=device))
@@ -310,7 +311,7 @@ class Tree:
     def to_sympy(self) -> sympy.Expr:
         stack: list[sympy.Expr] = []
         for name in reversed(self.nodes):
-            if name in TERMINALS:
+            if name in LEAVES:
                 stack.append(SYMBOLS[name])
             elif is_constant(name):
                 stack.append(sympy.nsimplify(name))

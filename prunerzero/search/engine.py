@@ -41,7 +41,7 @@ from prunerzero.primitives.deap_set import (
     to_individual,
     to_tree,
 )
-from prunerzero.primitives.known import KNOWN_METRICS
+from prunerzero.primitives.known import KNOWN_ALLOCATIONS, KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.search.simplify import Simplifier, symbolic_key
 
@@ -282,7 +282,7 @@ class GeneticSearch:
     def _initial(self) -> list[Individual]:
         pop: list[Individual] = []
         if self.p.seed_known_metrics:
-            for metric in KNOWN_METRICS.values():
+            for metric in (*KNOWN_METRICS.values(), *KNOWN_ALLOCATIONS.values()):
                 tree = metric.tree
                 if (tree.terminals <= set(self.p.terminals) and tree.operators <= set(self.p.operators)
                         and tree.constants <= set(self.p.constants)):
