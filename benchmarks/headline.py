@@ -19,6 +19,7 @@ wanda, ria and the discovered metrics (first 32 test windows).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -34,6 +35,11 @@ COLUMNS = (("50%", "unstructured", 0.5, None), ("50% (first 32)", "unstructured"
            ("60%", "unstructured", 0.6, 32), ("70%", "unstructured", 0.7, 32))
 C4_COLUMNS = (("50%", "unstructured", 0.5, 32), ("2:4", "2:4", 0.5, 32))
 SEEDS = (0, 1, 2)
+# Layerwise allocation (first 32 test windows): uniform (the plain cells above), OWL, and the
+# allocations prunerzero searched (results/allocations/NAME.json, copied from RUN/allocation.json).
+ALLOCATION_METRICS = ("wanda", "ria", "wanda-squared-plus-w-g")
+ALLOCATION_COLUMNS = (("60%", 0.6), ("70%", 0.7))
+SEARCHED_ALLOCATIONS = Path(__file__).resolve().parent.parent / "results" / "allocations"
 
 
 def discovered() -> list[tuple[str, str]]:
@@ -65,7 +71,32 @@ def grid() -> dict[str, list[tuple[str, str, Cell]]]:
             for seed in SEEDS:
                 tables["seeds"].append((row, f"seed {seed}", cell_for(row, formula, "unstructured", 0.5, windows=32,
                                                                       calib_seed=seed)))
+    tables["allocation"] = allocation_cells(dict(rows))
     return tables
+
+
+def searched_allocations() -> dict[float, Path]:
+    """target sparsity -> the searched allocation file for it (the first, by name, per target)."""
+    out: dict[float, Path] = {}
+    for path in sorted(SEARCHED_ALLOCATIONS.glob("*.json")):
+        out.setdefault(round(float(json.loads(path.read_text())["target"]), 4), path)
+    return out
+
+
+def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Cell]]:
+    searched = searched_allocations()
+    cells = []
+    for metric in ALLOCATION_METRICS:
+        if metric not in formulas:
+            continue
+        for col, sparsity in ALLOCATION_COLUMNS:
+            choices = [("uniform", None), ("OWL", "owl")]
+            if sparsity in searched:
+                choices.append((f"searched ({searched[sparsity].stem})", str(searched[sparsity])))
+            for name, allocation in choices:
+                cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,
+                                                                   windows=32, allocation=allocation)))
+    return cells
 
 
 def cell_id(table: str, row: str, col: str) -> str:
@@ -77,7 +108,9 @@ def markdown(tables: dict, runner: CellRunner) -> str:
     heads = {"wikitext2": ("WikiText-2 test perplexity (SmolLM2-135M; 50% and 2:4: whole split, 148 windows of 2048; "
                            "the other columns: first 32 windows)"),
              "c4": "C4 validation perplexity (first 32 windows of 2048 tokens)",
-             "seeds": "50% unstructured, WikiText-2 test (first 32 windows), calibration seeds 0, 1, 2"}
+             "seeds": "50% unstructured, WikiText-2 test (first 32 windows), calibration seeds 0, 1, 2",
+             "allocation": ("Layerwise allocation, unstructured, WikiText-2 test (first 32 windows of 2048): uniform, "
+                            "OWL (M 5, lambda 0.08) and the allocation prunerzero searched (fixed metric wanda)")}
     for name, cells in tables.items():
         cols = list(dict.fromkeys(c for _, c, _ in cells))
         rows = list(dict.fromkeys(r for r, _, _ in cells))

@@ -33,7 +33,7 @@ from prunerzero.files import read_json, write_json
 from prunerzero.models import load_model, prunable_linears
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, exact_counts, owl_for_model
+from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, exact_counts, load_allocation, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
 from prunerzero.pruning.prune import METHODS, prune_model
@@ -63,7 +63,7 @@ class Cell:
     calib_seed: int = 0
     calib_source: str = "wikitext2"
     model: str = "smollm2-135m"
-    allocation: str | None = None  # None: every layer at `sparsity`; "uniform" or "owl" (exact counts)
+    allocation: str | None = None  # None: every layer at `sparsity`; "uniform", "owl" or a file (exact counts)
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
 
@@ -74,8 +74,9 @@ class Cell:
             Tree.parse(self.tree or "")
         if self.method != "dense":
             check_sparsity(self.sparsity, Pattern.parse(self.pattern))
-        if self.allocation not in (None, "uniform", "owl"):
-            raise UserError(f"cell {self.label}: allocation must be uniform or owl, not {self.allocation!r}")
+        if self.allocation not in (None, "uniform", "owl") and not Path(self.allocation).is_file():
+            raise UserError(f"cell {self.label}: allocation must be uniform, owl or an allocation file, "
+                            f"not {self.allocation!r}")
         if self.allocation is not None and Pattern.parse(self.pattern).structured:
             raise UserError(f"cell {self.label}: a layerwise allocation needs unstructured sparsity")
         if self.text not in TEXTS:
@@ -94,6 +95,9 @@ class Cell:
         if self.allocation is None:  # cells without an allocation keep the keys they always had
             for k in ("allocation", "owl_m", "owl_lambda"):
                 d.pop(k)
+        elif self.allocation not in ("uniform", "owl"):  # a file: what it says, not where it lies
+            d["allocation"] = "file:" + hashlib.sha256(json.dumps(
+                read_json(self.allocation, "allocation file").get("layers"), sort_keys=True).encode()).hexdigest()[:16]
         if self.method == "dense":
             for k in ("tree", "pattern", "sparsity", "nsamples", "calib_seqlen", "calib_seed", "calib_source"):
                 d.pop(k)
@@ -177,8 +181,10 @@ class CellRunner:
             if cell.allocation == "owl":
                 allocation, _ = owl_for_model(model, collect_activation_norms(model, windows), cell.sparsity,
                                               cell.owl_m, cell.owl_lambda)
-            else:
+            elif cell.allocation == "uniform":
                 allocation = exact_counts({n: cell.sparsity for n in names}, sizes, cell.sparsity, 0.0, 1.0, "uniform")
+            else:
+                allocation = load_allocation(cell.allocation, sizes, cell.sparsity)
         report = prune_model(model, cell.method, cell.sparsity, Pattern.parse(cell.pattern), windows=windows,
                              tree=tree, gradients=gradients, allocation=allocation)
         self._sparsity = report.sparsity_actual

@@ -191,3 +191,35 @@ def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
 
 
 # ---------------------------------------------------------------------------------------- HTML
+
+
+def allocation_figure(allocation: dict[str, Any], log_rows: Sequence[dict[str, Any]], path: Path) -> bytes:
+    """A searched allocation: its best fitness per generation against OWL's and uniform's (left),
+    and the sparsity it gives each layer, attention and MLP apart (right)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    gens = [r["generation"] for r in log_rows if r.get("best") is not None]
+    bests = [r["best"] for r in log_rows if r.get("best") is not None]
+    left.plot(gens, bests, marker="o", label="searched (best so far)")
+    reference = allocation.get("reference") or {}
+    for name, style in (("owl", "--"), ("uniform", ":")):
+        if reference.get(name) is not None and reference[name] < WORST_FITNESS:
+            left.axhline(reference[name], linestyle=style, color="k", label=f"{name} {reference[name]:.3f}")
+    left.set_xlabel("generation")
+    left.set_ylabel("fitness (perplexity on the fitness text)")
+    left.set_title("fitness text: searched allocation against OWL and uniform", fontsize=9)
+    left.legend(fontsize=8)
+    left.grid(True, alpha=0.3)
+    layers = allocation["layers"]
+    names = list(layers)
+    for kind, color in (("attention", "tab:blue"), ("mlp", "tab:orange")):
+        idx = [i for i, n in enumerate(names) if ("attn" in n) == (kind == "attention")]
+        right.scatter(idx, [layers[names[i]] for i in idx], s=10, color=color, label=kind)
+    right.axhline(allocation["target"], color="k", linestyle=":", label=f"target {allocation['target']:g}")
+    right.set_xlabel("layer (model order)")
+    right.set_ylabel("sparsity")
+    right.set_title(f"per-layer sparsity of {allocation.get('function', '?')}"[:90], fontsize=9)
+    right.legend(fontsize=8)
+    right.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -26,7 +26,7 @@ from prunerzero.search import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-from prunerzero.evaluation.plots import _finite, _short, fitness_figure, sweep_figure  # noqa: F401
+from prunerzero.evaluation.plots import _finite, _short, allocation_figure, fitness_figure, sweep_figure  # noqa: F401
 from prunerzero.evaluation.sweep import (  # noqa: F401
     BASELINES,
     DEFAULT_PATTERNS,
@@ -215,6 +215,18 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
         pareto = run_dir / ckpt.PARETO_PLOT
         if pareto.is_file():
             out.append(_img(pareto.read_bytes(), "fitness against tree size"))
+
+    alloc_path = run_dir / "allocation.json"
+    if alloc_path.is_file():
+        a = json.loads(alloc_path.read_text())
+        ref = a.get("reference") or {}
+        out.append("<h2>Layerwise allocation</h2>")
+        out.append(f'<p class="note">The best allocation function, <code>{_e(a.get("function"))}</code> (metric '
+                   f'<code>{_e(a.get("metric"))}</code>, target {_e(a.get("target"))}, {_e(a.get("pruned_weights"))} of '
+                   f'{_e(a.get("weights"))} weights pruned): fitness {_fmt(a.get("fitness"), 6)}, against OWL '
+                   f'{_fmt(ref.get("owl"), 6)} and uniform {_fmt(ref.get("uniform"), 6)} on the same text. '
+                   f'<code>prunerzero prune --allocation {_e(alloc_path)}</code> uses it.</p>')
+        out.append(_img(allocation_figure(a, state.log, run_dir / "allocation.png"), "searched allocation"))
 
     out.append("<h2>Sparsity sweep</h2>")
     if sweep:
