@@ -205,6 +205,9 @@ def allocation_figure(allocation: dict[str, Any], log_rows: Sequence[dict[str, A
     for name, style in (("owl", "--"), ("uniform", ":")):
         if reference.get(name) is not None and reference[name] < WORST_FITNESS:
             left.axhline(reference[name], linestyle=style, color="k", label=f"{name} {reference[name]:.3f}")
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("generation")
     left.set_ylabel("fitness (perplexity on the fitness text)")
     left.set_title("fitness text: searched allocation against OWL and uniform", fontsize=9)
