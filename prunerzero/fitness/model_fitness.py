@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # Fitness windows are run this many tokens per forward pass: the masks are swapped in once per
 # pass, and larger matrix products run faster. Activation memory grows with it.
 FORWARD_TOKENS = 4096
+PROGRESS_EVERY_S = 30.0  # a line at most this often while a batch is evaluated
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,12 @@ class InProcessEvaluator(Evaluator):
 
     def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
         out = []
+        start = last = time.monotonic()
         for tree in trees:
+            if out and time.monotonic() - last > PROGRESS_EVERY_S:  # a long batch shows it is moving
+                last = time.monotonic()
+                log.info("%d/%d trees of this batch evaluated (%.1f s each)", len(out), len(trees),
+                         (last - start) / len(out))
             try:
                 out.append(self.fitness.evaluate(tree, budget))
             except UserError:

@@ -391,6 +391,7 @@ class GeneticSearch:
         done = self.state.generation * steps  # children that have replaced the worst
         bred = done + len(flight)
         start, before = time.perf_counter(), dict(self.state.counters)
+        shown = start
         try:
             while done < generations * steps:
                 while bred < done + n:
@@ -407,6 +408,10 @@ class GeneticSearch:
                 head.child.fitness.values = (self.state.cache[head.key]["fitness"],)
                 self._replace_worst(pop, head.child)
                 done += 1
+                if time.perf_counter() - shown > 30 and done % steps:
+                    shown = time.perf_counter()
+                    log.info("gen %d: %d/%d children placed (%.2f cand/min)", self.state.generation + 1, done % steps,
+                             steps, 60 * (done % steps) / max(shown - start, 1e-9))
                 if done % steps == 0:
                     self.state.population = [str(to_tree(i)) for i in pop]
                     self.state.pending = [str(to_tree(f.child)) for f in flight]
