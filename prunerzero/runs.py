@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero.config import HeldoutSection, SearchConfig, config_from_dict, load_yaml
+from prunerzero.environment import differences, environment
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import (
     Cell,
@@ -16,7 +17,7 @@ from prunerzero.evaluation.heldout import (
     known_cell,
     summary,
 )
-from prunerzero.files import write_json
+from prunerzero.files import read_json, write_json
 from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, ModelFitness
@@ -165,6 +166,7 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
     own = evaluator is None
     evaluator = evaluator or make_evaluator(cfg)
     ckpt.save_config(run_dir, cfg.to_dict())  # only once every check has passed and the evaluator stands
+    _record_environment(run_dir)
 
     def on_generation(st: SearchState) -> None:
         ckpt.save_checkpoint(run_dir, st, fp, cfg.search.hall_of_fame)
@@ -197,6 +199,24 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         if own:
             evaluator.close()
     return state
+
+
+ENVIRONMENT = "environment.json"
+
+
+def _record_environment(run_dir: Path) -> None:
+    """Write RUN/environment.json on the first start; on a resume, say what differs from it."""
+    path, now = run_dir / ENVIRONMENT, environment()
+    if path.is_file():
+        try:
+            changed = differences(read_json(path, "environment record"), now)
+        except UserError:
+            changed = [f"{ENVIRONMENT} unreadable"]
+        if changed:
+            log.warning("this run started on another software or hardware environment; fitnesses may differ in their "
+                        "last digits and the search may take another path than it would have: %s", "; ".join(changed))
+        return
+    write_json(path, now)
 
 
 ALLOCATION = "allocation.json"
