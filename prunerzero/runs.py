@@ -252,6 +252,9 @@ def heldout_cells(cfg: SearchConfig, state: SearchState, h: HeldoutSection) -> l
 
 def run_heldout(run_dir: Path, cfg: SearchConfig, state: SearchState, h: HeldoutSection | None = None) -> dict[str, Any]:
     """Measure (or finish measuring) the held-out cells of a run; writes RUN/heldout.json."""
+    if cfg.search.space == "allocation":
+        raise UserError(f"{run_dir} searched allocation functions, not metrics; measure its result with prunerzero "
+                        f"prune --method {cfg.search.metric} --allocation {run_dir / ALLOCATION}")
     h = h or cfg.heldout or HeldoutSection()
     runner = CellRunner(run_dir / "heldout", cfg.calibration.data_dir, pick_device(cfg.model.device), str(run_dir))
     records = runner.run(heldout_cells(cfg, state, h))

@@ -94,6 +94,7 @@ def test_an_allocation_search_resumes_exactly_and_exports_a_file_prune_loads(tmp
     assert data_out["fitness"] == full.hall_of_fame(1)[0]["fitness"]
     assert set(data_out["reference"]) == {"uniform", "owl"}
     assert data_out["reference"]["owl"] == full.cache[next(k for k, r in full.cache.items() if r["tree"] == "B")]["fitness"]
+    assert main(["heldout", str(tmp_path / "full" / "alloc")]) == 2  # metrics only: one line pointing to prune
     assert main(["report", str(tmp_path / "full" / "alloc")]) == 0  # the report shows it, with its plot
     page = (tmp_path / "full" / "alloc" / "report.html").read_text()
     assert "Layerwise allocation" in page and data_out["function"] in page
