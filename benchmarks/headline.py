@@ -79,7 +79,9 @@ def searched_allocations() -> dict[float, Path]:
     """target sparsity -> the searched allocation file for it (the first, by name, per target)."""
     out: dict[float, Path] = {}
     for path in sorted(SEARCHED_ALLOCATIONS.glob("*.json")):
-        out.setdefault(round(float(json.loads(path.read_text())["target"]), 4), path)
+        data = json.loads(path.read_text())
+        if data.get("format") == "prunerzero-allocation":  # the folder also holds study records
+            out.setdefault(round(float(data["target"]), 4), path)
     return out
 
 
