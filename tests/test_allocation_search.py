@@ -3,6 +3,7 @@ exactly and exports an allocation file that prune loads, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -151,3 +152,23 @@ def test_an_allocation_function_is_refused_as_a_metric():
         config_from_dict({"search": {"space": "metric", "terminals": ["W", "D"]}})
     with pytest.raises(UserError, match="mixes weight statistics"):
         primitive_set(["add"], ["W", "D"])
+
+
+def test_an_allocation_search_in_sequential_mode(tmp_path):
+    """The reference procedure (X re-collected on the partly pruned model) scores allocations as the
+    held-out pruning does; the search runs with it and its fitness is that of sequential pruning."""
+    model = str(tiny_model_folder(tmp_path / "m"))
+    data = str(local_data(tmp_path / "d"))
+    raw = allocation_config(tmp_path / "runs", model, data, 1).to_dict()
+    raw["fitness"]["stats_mode"] = "sequential"
+    raw["search"].update(population=4)
+    cfg = config_from_dict(raw)
+    state = run_search(cfg)
+    owl = next(r for r in state.cache.values() if r["tree"] == "B")
+    fit = ModelFitness(fitness_settings(cfg), tmp_path / "runs" / "alloc")
+    ev = AllocationEvaluator(fit, WANDA, 0.1, 5.0, (0.3, 0.95))
+    fit.allocation = ev.allocation(Tree.parse("B"))
+    assert fit.evaluate(WANDA).fitness == owl["fitness"]
+    once = ModelFitness(dataclasses.replace(fitness_settings(cfg), stats_mode="once"), tmp_path / "runs" / "alloc")
+    once.allocation = fit.allocation
+    assert once.evaluate(WANDA).fitness != owl["fitness"]  # the two procedures prune differently
