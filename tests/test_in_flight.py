@@ -13,6 +13,8 @@ from prunerzero.errors import UserError
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
 from prunerzero.primitives.tree import Tree
 from prunerzero.runs import run_search
+from prunerzero.search.checkpoint import load_checkpoint
+from prunerzero.search.engine import GeneticSearch
 from prunerzero.search.simplify import Simplifier
 
 
@@ -108,3 +110,17 @@ def test_in_flight_refuses_multi_fidelity(tmp_path):
     with pytest.raises(UserError, match="multi_fidelity"):
         config_from_dict({"search": {"algorithm": "steady_state", "in_flight": 2},
                           "fitness": {"windows": 4, "multi_fidelity": {"low_windows": 1}}})
+
+
+def test_resume_does_not_count_pending_children_twice(tmp_path):
+    """A pending child that was a formula-cache hit when bred is not counted again when a resume
+    sends it back: the counters stay those of the checkpoint until new children are bred."""
+    run_search(cfg(tmp_path / "split", generations=1, in_flight=4))
+    state_path = tmp_path / "split" / "t" / "state.json"
+    saved = json.loads(state_path.read_text())
+    saved["pending"][0] = saved["population"][0]  # a child whose fitness is already known
+    state_path.write_text(json.dumps(saved))
+    state, _ = load_checkpoint(tmp_path / "split" / "t")
+    search = GeneticSearch(cfg(tmp_path / "x", in_flight=4).search, ReconstructionEvaluator(seed=7), 7, state)
+    search.run(1)  # generation 1 is done: the pending are sent again, then dropped, nothing placed
+    assert search.state.counters == saved["counters"]

@@ -386,8 +386,10 @@ class GeneticSearch:
                 by_ticket[self.evaluator.submit(tree)] = entry
             flight.append(entry)
 
+        counted = dict(self.state.counters)  # the pending were counted when they were bred
         for formula in self.state.pending:  # bred before the checkpoint: their turn comes first
             launch(to_individual(Tree.parse(formula), self.pset))
+        self.state.counters.update(counted)
         done = self.state.generation * steps  # children that have replaced the worst
         bred = done + len(flight)
         start, before = time.perf_counter(), dict(self.state.counters)
