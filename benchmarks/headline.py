@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -94,7 +95,8 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
         for col, sparsity in ALLOCATION_COLUMNS:
             choices = [("uniform", None), ("OWL", "owl")]
             if sparsity in searched:
-                choices.append((f"searched ({searched[sparsity].stem})", str(searched[sparsity])))
+                # relative to the working folder (the repository root): records name no machine path
+                choices.append((f"searched ({searched[sparsity].stem})", os.path.relpath(searched[sparsity])))
             for name, allocation in choices:
                 cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,
                                                                    windows=32, allocation=allocation)))
