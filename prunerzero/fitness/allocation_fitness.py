@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -42,12 +42,12 @@ def _entropy(scores: torch.Tensor) -> float:
     return float(-(p * p.log()).sum()) / math.log(scores.numel())
 
 
-def layer_features(model: torch.nn.Module, scores_of: Mapping[str, torch.Tensor] | None = None, *,
-                   score_fn=None, m: float = OWL_M) -> dict[str, torch.Tensor]:
+def layer_features(model: torch.nn.Module, score_fn: Callable[[str, torch.nn.Module], torch.Tensor],
+                   m: float = OWL_M) -> dict[str, torch.Tensor]:
     """The features of every prunable layer (in model order), as float64 vectors.
 
-    ``score_fn(name, linear)`` gives a layer's scores under the fixed metric (computed one layer at
-    a time, so no more than one layer's scores are held)."""
+    ``score_fn(name, linear)`` gives a layer's scores under the fixed metric; they are computed a
+    block at a time (the block's outlier ratio needs all of its layers), never for the whole model."""
     names = {id(mod): n for n, mod in model.named_modules()}
     blocks = list(decoder_layers(model))
     rows: dict[str, list[float]] = {k: [] for k in FEATURES}
@@ -55,7 +55,7 @@ def layer_features(model: torch.nn.Module, scores_of: Mapping[str, torch.Tensor]
         layer_rows = []
         for lin in linear_layers(block).values():
             name = names[id(lin)]
-            s = (scores_of[name] if scores_of is not None else score_fn(name, lin)).detach().abs().double()
+            s = score_fn(name, lin).detach().abs().double()
             layer_rows.append({"D": b / max(1, len(blocks) - 1), "T": float("attn" in name or "attention" in name),
                                "O": outlier_ratio([s], m), "M": float(s.mean()), "S": float(s.std()),
                                "E": _entropy(s), "_flat": s.flatten()})
@@ -133,24 +133,24 @@ class AllocationEvaluator(Evaluator):
             if isinstance(alloc, str):
                 out.append(FitnessResult.worst(alloc))
                 continue
-            self.fitness.allocation = alloc
-            try:
-                out.append(self.fitness.evaluate(self.metric, budget))
-            finally:
-                self.fitness.allocation = None
+            out.append(self._evaluate_counts(alloc, budget))
         return out
+
+    def _evaluate_counts(self, allocation: Allocation, budget: int | None = None) -> FitnessResult:
+        """The fixed metric's fitness with these per-layer counts."""
+        self.fitness.allocation = allocation
+        try:
+            return self.fitness.evaluate(self.metric, budget)
+        finally:
+            self.fitness.allocation = None
 
     def reference_fitness(self) -> dict[str, float]:
         """Fitness of the uniform allocation and of OWL (the function ``B``) on the same text."""
         if self._reference is None:
             uniform = exact_counts(dict.fromkeys(self.sizes, self.target), self.sizes, self.target, self.low,
                                    self.high, "uniform")
-            self.fitness.allocation = uniform
-            try:
-                u = self.fitness.evaluate(self.metric).fitness
-            finally:
-                self.fitness.allocation = None
-            self._reference = {"uniform": u, "owl": self.evaluate([Tree.parse("B")])[0].fitness}
+            self._reference = {"uniform": self._evaluate_counts(uniform).fitness,
+                               "owl": self.evaluate([Tree.parse("B")])[0].fitness}
         return self._reference
 
     def write(self, tree: Tree, path: str | Path, fitness: float | None = None, **extra: object) -> dict:
