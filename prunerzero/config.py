@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.known import metric_only, resolve_tree
+from prunerzero.primitives.known import KNOWN_METRICS, metric_only, resolve_tree, shipped_trees
 from prunerzero.primitives.registry import (
     CONSTANTS,
     DEFAULT_OPERATORS,
@@ -28,6 +28,7 @@ from prunerzero.primitives.registry import (
     constant_name,
     is_constant,
 )
+from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import Pattern, check_sparsity
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class SearchSection:
     elites: int = 2
     hall_of_fame: int = 10
     seed_known_metrics: bool = True
+    seed_trees: list = field(default_factory=list)  # formulas (or known/shipped metric names) put in generation 0
     top_k: int = 10  # steady state: parents are drawn from the current top k
     steps_per_generation: int = 10  # steady state: children bred per generation (the checkpoint unit)
     batch: typing.Optional[int] = None  # steady state: children bred between replacements (1: the paper's; null: a generation's)
@@ -195,7 +197,8 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
                 raise UserError(f"{where}: unknown constant(s) {', '.join(map(str, bad))}; known: {', '.join(CONSTANTS)}")
             return names
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{where} must be a list of names, got {value!r}")
+            items = "formulas such as mul(abs(W), sqrt(X))" if where.endswith(".seed_trees") else "names"
+            raise UserError(f"{where} must be a list of {items}, got {_short(value)}")
         return value
     if where.endswith(".pattern") and isinstance(value, int) and not isinstance(value, bool) and 0 < value < 3600:
         # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124: read it back, and say so
@@ -321,6 +324,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
                         f"{s.space}, got {s.terminals}{hint}")
     if s.space == "allocation":
         _check_allocation_search(cfg)
+    _check_seed_trees(s)
     if len(set(s.operators)) != len(s.operators) or len(set(s.terminals)) != len(s.terminals):
         raise UserError("search.operators and search.terminals must not repeat names")
     if len(set(s.constants)) != len(s.constants):
@@ -361,6 +365,39 @@ def validate(cfg: SearchConfig) -> SearchConfig:
             raise UserError(f"heldout.baselines: unknown {', '.join(bad)}; known: {', '.join(known)}")
     check_run_name(cfg.name)
     return cfg
+
+
+def seed_tree(spec: str, space: str) -> Tree:
+    """A ``search.seed_trees`` entry as a tree: a formula, or (metric space) a known or shipped name."""
+    if space == "metric" and (spec in KNOWN_METRICS or spec in shipped_trees()):
+        return resolve_tree(spec)
+    # a formula only, never a file: the config alone must say what generation 0 holds
+    return Tree.parse(spec) if space == "allocation" else metric_only(Tree.parse(spec))
+
+
+def _check_seed_trees(s: SearchSection) -> None:
+    """Every seed must be a tree of this search's space, so generation 0 holds it as written."""
+    if not isinstance(s.seed_trees, list):
+        raise UserError(f"search.seed_trees must be a list of formulas, got {_short(s.seed_trees)}")
+    if len(s.seed_trees) > s.population:
+        raise UserError(f"search.seed_trees has {len(s.seed_trees)} trees, more than search.population "
+                        f"({s.population}); drop some or raise the population")
+    for i, spec in enumerate(s.seed_trees):
+        where = f"search.seed_trees[{i}]"
+        if not isinstance(spec, str):
+            raise UserError(f"{where} must be a formula such as mul(abs(W), sqrt(X)), got {_short(spec)}")
+        try:
+            tree = seed_tree(spec, s.space)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        outside = sorted((tree.terminals - set(s.terminals)) | (tree.operators - set(s.operators)))
+        outside += sorted(tree.constants - {constant_name(c) for c in s.constants})
+        if outside:
+            raise UserError(f"{where} {tree} uses {', '.join(outside)}, not in this search's operators, terminals "
+                            "or constants; add them there or drop the seed")
+        if tree.height > s.max_height or len(tree) > s.max_size:
+            raise UserError(f"{where} {tree} has height {tree.height} and size {len(tree)}, beyond search.max_height "
+                            f"{s.max_height} or max_size {s.max_size}; raise those or drop the seed")
 
 
 def _check_allocation_search(cfg: SearchConfig) -> None:

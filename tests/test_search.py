@@ -294,3 +294,29 @@ def test_multi_fidelity_spends_no_promotion_on_masks_already_measured():
 
 def trees_of(*formulas):
     return [Tree.parse(f) for f in formulas]
+
+
+def test_seed_trees_are_in_generation_zero_and_bad_seeds_are_refused(tmp_path):
+    seeds = ["mul(abs(W), sqr(X))", "wanda", "sub(W, mul(G, X))"]
+    state = run_search(recon_config(tmp_path, generations=1, seed_known_metrics=False, seed_trees=seeds))
+    first = {r["tree"] for r in state.cache.values() if r["generation"] == 0}
+    for spec in seeds:
+        tree = Tree.parse("mul(abs(W), sqrt(X))" if spec == "wanda" else spec)
+        assert str(simplify(tree).tree) in first, spec
+    cases = [
+        ({"seed_trees": ["mul(abs(W), B)"]}, "seed_trees[0]: mul(abs(W), B) reads allocation feature"),
+        ({"seed_trees": ["mul(W", "W"]}, "seed_trees[0]"),
+        ({"seed_trees": ["W", "pow(W, 0.5)"]}, "seed_trees[1] pow(W, 0.5) uses pow, 0.5"),
+        ({"seed_trees": ["mul(W, W)"], "operators": ["add", "abs"]}, "uses mul, not in this search's"),
+        ({"seed_trees": ["W"] * 13}, "more than search.population (12)"),
+        ({"seed_trees": "W"}, "seed_trees must be a list of formulas"),
+        ({"seed_trees": ["abs(abs(abs(W)))"], "max_height": 2, "init_max_depth": 2}, "beyond search.max_height 2"),
+    ]
+    for search, message in cases:
+        with pytest.raises(UserError) as e:
+            recon_config(tmp_path, **search)
+        assert message in str(e.value), (search, str(e.value))
+    # the default operators seed 3 known metrics (RIA needs rown, coln): 3 + 10 distinct seeds > 12
+    distinct = [f"{op}({a}, {b})" for op in ("add", "sub", "mul") for a, b in (("W", "X"), ("W", "G"), ("X", "G"))]
+    with pytest.raises(UserError, match="generation 0 would hold 13 known metrics and seed trees"):
+        run_search(recon_config(tmp_path / "full", seed_trees=[*distinct, "div(W, X)"]))

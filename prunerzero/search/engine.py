@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from deap import base, gp, tools
 
-from prunerzero.config import SearchSection
+from prunerzero.config import SearchSection, seed_tree
 from prunerzero.errors import UserError
 from prunerzero.fitness.base import WORST_FITNESS, Evaluator, FitnessResult
 from prunerzero.primitives.deap_set import (
@@ -42,6 +42,7 @@ from prunerzero.primitives.deap_set import (
     to_tree,
 )
 from prunerzero.primitives.known import KNOWN_ALLOCATIONS, KNOWN_METRICS
+from prunerzero.primitives.registry import constant_name
 from prunerzero.primitives.tree import Tree
 from prunerzero.search.simplify import Simplifier, symbolic_key
 
@@ -281,13 +282,30 @@ class GeneticSearch:
     # ------------------------------------------------------------------ generations
     def _initial(self) -> list[Individual]:
         pop: list[Individual] = []
+        constants = {constant_name(c) for c in self.p.constants}
         if self.p.seed_known_metrics:
             for metric in (*KNOWN_METRICS.values(), *KNOWN_ALLOCATIONS.values()):
                 tree = metric.tree
                 if (tree.terminals <= set(self.p.terminals) and tree.operators <= set(self.p.operators)
-                        and tree.constants <= set(self.p.constants)):
+                        and tree.constants <= constants):
                     pop.append(to_individual(tree, self.pset))
         seen = {self.simplify(to_tree(i)).key for i in pop}
+        for i, spec in enumerate(self.p.seed_trees):  # checked against the space when the config was read
+            tree = seed_tree(spec, self.p.space)
+            key = self.simplify(tree).key
+            if key in seen:
+                log.info("search.seed_trees[%d] %s is already in generation 0 (as the same ranking)", i, tree)
+                continue
+            try:
+                pop.append(to_individual(tree, self.pset))
+            except Exception as e:  # e.g. a constant outside pow when constants_as_leaves is false
+                raise UserError(f"search.seed_trees[{i}] {tree} cannot be built from this search's primitives "
+                                f"({e}); check search.constants_as_leaves") from None
+            seen.add(key)
+        if len(pop) > self.p.population:
+            raise UserError(f"generation 0 would hold {len(pop)} known metrics and seed trees, more than "
+                            f"search.population ({self.p.population}); raise it, drop seeds or set "
+                            "seed_known_metrics: false")
         attempts = 0
         while len(pop) < self.p.population:
             ind = self._simplified(repair_pow(Individual(self.tb.expr()), self.pset))
