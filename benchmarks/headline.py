@@ -76,13 +76,13 @@ def grid() -> dict[str, list[tuple[str, str, Cell]]]:
     return tables
 
 
-def searched_allocations() -> dict[float, Path]:
-    """target sparsity -> the searched allocation file for it (the first, by name, per target)."""
-    out: dict[float, Path] = {}
+def searched_allocations() -> dict[float, list[Path]]:
+    """target sparsity -> the searched allocation files for it (by name): every search is shown."""
+    out: dict[float, list[Path]] = {}
     for path in sorted(SEARCHED_ALLOCATIONS.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("format") == "prunerzero-allocation":  # the folder also holds study records
-            out.setdefault(round(float(data["target"]), 4), path)
+            out.setdefault(round(float(data["target"]), 4), []).append(path)
     return out
 
 
@@ -94,9 +94,9 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
             continue
         for col, sparsity in ALLOCATION_COLUMNS:
             choices = [("uniform", None), ("OWL", "owl")]
-            if sparsity in searched:
+            for path in searched.get(sparsity, []):
                 # relative to the working folder (the repository root): records name no machine path
-                choices.append((f"searched ({searched[sparsity].stem})", os.path.relpath(searched[sparsity])))
+                choices.append((f"searched ({path.stem})", os.path.relpath(path)))
             for name, allocation in choices:
                 cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,
                                                                    windows=32, allocation=allocation)))
