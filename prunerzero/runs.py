@@ -27,6 +27,7 @@ from prunerzero.fitness.reconstruction import ReconstructionEvaluator
 from prunerzero.models import pick_device
 from prunerzero.primitives.deap_set import space_fingerprint
 from prunerzero.primitives.known import resolve_tree
+from prunerzero.primitives.registry import FEATURES
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.search import checkpoint as ckpt
@@ -233,6 +234,33 @@ def write_best_allocation(run_dir: Path, cfg: SearchConfig, state: SearchState, 
                     made_with=f"prunerzero search (seed {cfg.seed}); calibration {cfg.calibration.nsamples} x "
                               f"{cfg.calibration.seqlen} {cfg.calibration.source}, fitness {cfg.fitness.windows} x "
                               f"{cfg.fitness.seqlen} {cfg.fitness.text} {cfg.fitness.split}")
+
+
+def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, function: str | None = None) -> dict[str, Any]:
+    """Write the allocation an allocation run's function (its best, or ``function``) gives at another
+    target ``sparsity``: the run's model, statistics, metric, lambda, M and range; no fitness is measured."""
+    cfg = _run_config(run_dir)
+    if cfg.search.space != "allocation":
+        raise UserError(f"{run_dir} searched metrics, not allocation functions; allocate needs an allocation run "
+                        "(search.space: allocation)")
+    a = cfg.fitness.allocation
+    if not 0 <= a.range[0] <= sparsity <= a.range[1] < 1:
+        raise UserError(f"--sparsity {sparsity} is outside the run's allocation range {a.range}")
+    if function is None:
+        state, _ = ckpt.load_checkpoint(run_dir)
+        best = state.hall_of_fame(1)
+        if not best:
+            raise UserError(f"{run_dir} has no evaluated allocation function yet; give one with --function")
+        function = best[0]["tree"]
+    tree = Tree.parse(function)
+    if not tree.terminals or not tree.terminals <= set(FEATURES):
+        raise UserError(f"{tree} is not an allocation function: its leaves must be among {', '.join(FEATURES)}")
+    found_at, cfg.fitness.sparsity = cfg.fitness.sparsity, sparsity
+    evaluator = AllocationEvaluator(ModelFitness(fitness_settings(cfg), run_dir), resolve_tree(cfg.search.metric),
+                                    a.lam, a.m, a.range)
+    return evaluator.write(tree, out, None, run=cfg.name, found_at=found_at,
+                           made_with=f"prunerzero allocate {run_dir.name} --sparsity {sparsity}: the function found by "
+                                     f"the run, applied at this target; fitness not measured")
 
 
 HELDOUT = "heldout.json"

@@ -109,6 +109,26 @@ def test_an_allocation_search_resumes_exactly_and_exports_a_file_prune_loads(tmp
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["pruned_weights"] == round(0.7 * sum(sizes.values()))
     assert out["layer_sparsity"] == pytest.approx(data_out["layers"], abs=1e-9)
+    # the run's function at another target: `prunerzero allocate`
+    run = str(tmp_path / "full" / "alloc")
+    assert main(["allocate", run, "--sparsity", "0.7", "--out", str(tmp_path / "a70.json")]) == 0
+    assert json.loads((tmp_path / "a70.json").read_text())["layers"] == data_out["layers"]
+    assert main(["allocate", run, "--sparsity", "0.5", "--out", str(tmp_path / "a50.json")]) == 0
+    a50 = json.loads((tmp_path / "a50.json").read_text())
+    assert a50["target"] == 0.5 and a50["found_at"] == 0.7 and a50["function"] == data_out["function"]
+    assert a50["pruned_weights"] == round(0.5 * sum(sizes.values()))
+    # OWL's mapping is a shift of the same shape (no layer meets the range here): same moves around the target
+    moves = {n: r - 0.5 for n, r in a50["layers"].items()}
+    assert moves == pytest.approx({n: r - 0.7 for n, r in data_out["layers"].items()}, abs=2e-3)
+    for bad in (["--sparsity", "0.99"], ["--sparsity", "0.5", "--function", "mul(W, D)"],
+                ["--sparsity", "0.5", "--out", str(path)]):
+        argv = ["allocate", run, *bad] + ([] if "--out" in bad else ["--out", str(tmp_path / "bad.json")])
+        assert main(argv) == 2, bad
+    assert not (tmp_path / "bad.json").exists()
+    metric_run = config_from_dict({"name": "m", "output_dir": str(tmp_path), "search": {"population": 4, "generations": 1},
+                                   "evaluator": {"type": "reconstruction"}})
+    run_search(metric_run)
+    assert main(["allocate", str(tmp_path / "m"), "--sparsity", "0.5", "--out", str(tmp_path / "bad.json")]) == 2
 
 
 def test_the_fitness_of_a_searched_allocation_is_that_of_its_counts(tmp_path):

@@ -13,8 +13,10 @@ from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
 from prunerzero.files import write_json
 from prunerzero.runs import (
+    ALLOCATION,
     _load_yaml,
     _run_config,
+    apply_allocation_function,
     fingerprint,
     run_heldout,
     run_search,
@@ -86,6 +88,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out} (load a tree with: prunerzero prune --method tree --tree {out})")
 
 
+def cmd_allocate(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run)
+    out = Path(args.out)
+    if out.resolve() in {p.resolve() for p in (*ckpt.run_files(run_dir), run_dir / ALLOCATION)}:
+        raise UserError(f"--out {out} is one of the run's own files; write the allocation elsewhere")
+    data = apply_allocation_function(run_dir, args.sparsity, out, args.function)
+    ratios = list(data["layers"].values())
+    print(f"wrote {out}: {data['function']} at target {data['target']}, layers {min(ratios):.3f} to "
+          f"{max(ratios):.3f} (prune with: prunerzero prune --method tree --tree '{data['metric']}' --allocation {out})")
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("search", help="evolve pruning metrics (start from a YAML config, or resume a run)")
     p.add_argument("--config", default=None, help="YAML config (configs/smollm2-135m.yaml, configs/quick.yaml, ...)")
@@ -113,3 +126,11 @@ def register(sub: Any) -> None:
     p.add_argument("--tree-files", action="store_true", help="also write one bare tree file per rank")
     p.add_argument("--pareto", action="store_true", help="export the Pareto front of fitness against size instead")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("allocate", help="an allocation run's function applied at another target sparsity (a file "
+                                         "for prune --allocation)")
+    p.add_argument("run", help="an allocation search's run folder (runs/NAME)")
+    p.add_argument("--sparsity", type=float, required=True, help="the target sparsity to allocate")
+    p.add_argument("--function", default=None, help="the allocation function (default: the run's best)")
+    p.add_argument("--out", required=True, help="the allocation JSON to write")
+    p.set_defaults(func=cmd_allocate)
