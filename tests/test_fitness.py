@@ -190,3 +190,13 @@ def test_keeping_freed_memory_can_be_turned_off(monkeypatch):
 
     monkeypatch.setenv("PRUNERZERO_KEEP_FREED_MEMORY", "0")
     assert keep_freed_memory() is False
+
+
+def test_a_long_batch_shows_it_is_moving(monkeypatch, caplog):
+    from prunerzero.fitness import base
+
+    monkeypatch.setattr(base, "PROGRESS_EVERY_S", -1.0)  # every tree counts as "a while"
+    with caplog.at_level("INFO", logger="prunerzero.fitness.base"):
+        assert list(base.with_progress(["a", "b", "c"])) == ["a", "b", "c"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" (")[0] for line in lines] == ["1/3 trees of this batch evaluated", "2/3 trees of this batch evaluated"]

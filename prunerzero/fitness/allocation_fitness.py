@@ -24,7 +24,7 @@ import torch
 
 from prunerzero.errors import UserError
 from prunerzero.files import write_json
-from prunerzero.fitness.base import Evaluator, FitnessResult
+from prunerzero.fitness.base import Evaluator, FitnessResult, with_progress
 from prunerzero.fitness.model_fitness import ModelFitness
 from prunerzero.models import decoder_layers, linear_layers
 from prunerzero.primitives.registry import FEATURES
@@ -128,7 +128,7 @@ class AllocationEvaluator(Evaluator):
 
     def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
         out = []
-        for tree in trees:
+        for tree in with_progress(trees):
             alloc = self.allocation(tree)
             if isinstance(alloc, str):
                 out.append(FitnessResult.worst(alloc))

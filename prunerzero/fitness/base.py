@@ -6,10 +6,12 @@ evaluators); a tree that cannot be evaluated gets :data:`WORST_FITNESS` and a re
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -17,8 +19,24 @@ from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.equivalence import same_masks, synthetic_probes
 from prunerzero.pruning.masks import Pattern
 
+log = logging.getLogger(__name__)
+
 # Finite so that checkpoints stay strict JSON; far above any perplexity a real metric reaches.
 WORST_FITNESS = 1e12
+PROGRESS_EVERY_S = 30.0  # a line at most this often while a batch is evaluated
+
+T = TypeVar("T")
+
+
+def with_progress(trees: Sequence[T]) -> Iterator[T]:
+    """The trees of a batch, one by one, with a line every 30 s: a long batch shows it is moving
+    (generation 0 of a real search is minutes of silence otherwise)."""
+    start = last = time.monotonic()
+    for done, tree in enumerate(trees):
+        if done and time.monotonic() - last > PROGRESS_EVERY_S:
+            last = time.monotonic()
+            log.info("%d/%d trees of this batch evaluated (%.1f s each)", done, len(trees), (last - start) / done)
+        yield tree
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 from prunerzero.data import fitness_tokens
 from prunerzero.errors import UserError
 from prunerzero.evaluation.perplexity import window_losses
-from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key
+from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key, with_progress
 from prunerzero.memory import keep_freed_memory
 from prunerzero.models import load_model, prunable_linears, resolve_model
 from prunerzero.primitives.tree import Tree
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 # Fitness windows are run this many tokens per forward pass: the masks are swapped in once per
 # pass, and larger matrix products run faster. Activation memory grows with it.
 FORWARD_TOKENS = 4096
-PROGRESS_EVERY_S = 30.0  # a line at most this often while a batch is evaluated
 
 
 @dataclass(frozen=True)
@@ -335,12 +334,7 @@ class InProcessEvaluator(Evaluator):
 
     def evaluate(self, trees: Sequence[Tree], budget: int | None = None) -> list[FitnessResult]:
         out = []
-        start = last = time.monotonic()
-        for tree in trees:
-            if out and time.monotonic() - last > PROGRESS_EVERY_S:  # a long batch shows it is moving
-                last = time.monotonic()
-                log.info("%d/%d trees of this batch evaluated (%.1f s each)", len(out), len(trees),
-                         (last - start) / len(out))
+        for tree in with_progress(trees):
             try:
                 out.append(self.fitness.evaluate(tree, budget))
             except UserError:
