@@ -95,8 +95,10 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
         for col, sparsity in ALLOCATION_COLUMNS:
             choices = [("uniform", None), ("OWL", "owl")]
             for path in searched.get(sparsity, []):
+                # a row per search (the run that found the function), whatever target its file is for;
                 # relative to the working folder (the repository root): records name no machine path
-                choices.append((f"searched ({path.stem})", os.path.relpath(path)))
+                run = json.loads(path.read_text()).get("run", path.stem)
+                choices.append((f"searched ({run})", os.path.relpath(path)))
             for name, allocation in choices:
                 cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,
                                                                    windows=32, allocation=allocation)))
@@ -114,7 +116,8 @@ def markdown(tables: dict, runner: CellRunner) -> str:
              "c4": "C4 validation perplexity (first 32 windows of 2048 tokens)",
              "seeds": "50% unstructured, WikiText-2 test (first 32 windows), calibration seeds 0, 1, 2",
              "allocation": ("Layerwise allocation, unstructured, WikiText-2 test (first 32 windows of 2048): uniform, "
-                            "OWL (M 5, lambda 0.08) and the allocation prunerzero searched (fixed metric wanda)")}
+                            "OWL (M 5, lambda 0.08) and the allocation functions prunerzero searched (with wanda fixed, at 70%; "
+                            "at 60% the same function, applied with prunerzero allocate)")}
     for name, cells in tables.items():
         cols = list(dict.fromkeys(c for _, c, _ in cells))
         rows = list(dict.fromkeys(r for r, _, _ in cells))
