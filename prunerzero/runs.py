@@ -100,9 +100,11 @@ def _model_evaluator(cfg: SearchConfig) -> Evaluator:
             threads_per_worker=e.threads_per_worker, address=e.address, timeout_s=e.timeout_s))
     if cfg.search.space == "allocation":
         a = cfg.fitness.allocation
-        return AllocationEvaluator(ModelFitness(fitness_settings(cfg), cfg.run_dir), resolve_tree(cfg.search.metric),
-                                   a.lam, a.m, a.range)
-    return InProcessEvaluator(fitness_settings(cfg), cfg.run_dir)
+        metric = resolve_tree(cfg.search.metric)
+        return AllocationEvaluator(ModelFitness(fitness_settings(cfg), cfg.run_dir, gradients="G" in metric.terminals),
+                                   metric, a.lam, a.m, a.range)
+    fitness = ModelFitness(fitness_settings(cfg), cfg.run_dir, gradients="G" in cfg.search.terminals)
+    return InProcessEvaluator(fitness_settings(cfg), cfg.run_dir, fitness)
 
 
 def known_masks(state: SearchState, cfg: SearchConfig) -> dict[str, float]:
@@ -256,8 +258,9 @@ def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, functio
     if not tree.terminals or not tree.terminals <= set(FEATURES):
         raise UserError(f"{tree} is not an allocation function: its leaves must be among {', '.join(FEATURES)}")
     found_at, cfg.fitness.sparsity = cfg.fitness.sparsity, sparsity
-    evaluator = AllocationEvaluator(ModelFitness(fitness_settings(cfg), run_dir), resolve_tree(cfg.search.metric),
-                                    a.lam, a.m, a.range)
+    metric = resolve_tree(cfg.search.metric)
+    evaluator = AllocationEvaluator(ModelFitness(fitness_settings(cfg), run_dir, gradients="G" in metric.terminals),
+                                    metric, a.lam, a.m, a.range)
     return evaluator.write(tree, out, None, run=cfg.name, found_at=found_at,
                            made_with=f"prunerzero allocate {run_dir.name} --sparsity {sparsity}: the function found by "
                                      f"the run, applied at this target; fitness not measured")

@@ -320,3 +320,25 @@ def test_seed_trees_are_in_generation_zero_and_bad_seeds_are_refused(tmp_path):
     distinct = [f"{op}({a}, {b})" for op in ("add", "sub", "mul") for a, b in (("W", "X"), ("W", "G"), ("X", "G"))]
     with pytest.raises(UserError, match="generation 0 would hold 13 known metrics and seed trees"):
         run_search(recon_config(tmp_path / "full", seed_trees=[*distinct, "div(W, X)"]))
+
+
+def test_a_search_whose_trees_never_read_g_never_computes_it(tmp_path):
+    from tests.conftest import local_data, tiny_model_folder
+
+    model = str(tiny_model_folder(tmp_path / "m"))
+    data = str(local_data(tmp_path / "d"))
+
+    def search(name, terminals):
+        cfg = config_from_dict({
+            "name": name, "output_dir": str(tmp_path), "seed": 1, "model": {"name": model, "device": "cpu"},
+            "calibration": {"nsamples": 2, "seqlen": 32, "data_dir": data},
+            "fitness": {"seqlen": 32, "windows": 2},
+            "search": {"population": 4, "generations": 1, "terminals": terminals, "init_max_depth": 2}})
+        state = run_search(cfg)
+        return state, sorted(p.name.split("-")[0] for p in (tmp_path / name).glob("*.safetensors"))
+
+    state, files = search("wx", ["W", "X"])
+    assert files == ["activations"]  # X only: no gradients file, nothing spent on G
+    assert all(r["fitness"] < WORST_FITNESS for r in state.cache.values() if "reason" not in r)
+    _, files = search("wxg", ["W", "X", "G"])
+    assert files == ["activations", "gradients"]
