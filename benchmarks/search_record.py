@@ -23,12 +23,12 @@ from prunerzero.runs import _run_config
 PER_GENERATION_KEYS = ("generation", "best", "best_tree", "median", "unique_evaluated", "evaluated_this_gen")
 
 
-def record(run: Path, command: str, wall_seconds: float | None) -> dict[str, Any]:
+def record(run: Path, command: str, wall_seconds: float | None, code: str | None = None) -> dict[str, Any]:
     cfg = _run_config(run)
     state = json.loads((run / "state.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     hall = json.loads((run / "hall_of_fame.json").read_text())["trees"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out: dict[str, Any] = {
         "run": run.name, "command": command, "code": f"commit {commit}" if commit else "unknown", "seed": cfg.seed,
         "space": cfg.search.space, "sparsity": cfg.fitness.sparsity, "pattern": cfg.fitness.pattern,
@@ -36,6 +36,7 @@ def record(run: Path, command: str, wall_seconds: float | None) -> dict[str, Any
         "fitness_text": f"{cfg.fitness.windows} x {cfg.fitness.seqlen} {cfg.fitness.text} {cfg.fitness.split}",
         "calibration": f"{cfg.calibration.nsamples} x {cfg.calibration.seqlen} {cfg.calibration.source} "
                        f"{cfg.calibration.split} (seed {cfg.calibration.seed})",
+        "seed_known_metrics": cfg.search.seed_known_metrics, "seed_trees": cfg.search.seed_trees,
         "generations_completed": state["generation"], "counters": state["counters"],
         "wall_seconds": wall_seconds,
         "per_generation": [{k: row[k] for k in PER_GENERATION_KEYS if k in row} for row in log],
@@ -56,9 +57,10 @@ def main() -> None:
     p.add_argument("run", type=Path, help="the search's run folder")
     p.add_argument("--command", required=True, help="the command that made the run, as a reader would re-run it")
     p.add_argument("--wall-seconds", type=float, default=None, help="the run's wall time, if measured")
+    p.add_argument("--code", default=None, help="the commit the run was made with (default: this checkout's HEAD)")
     p.add_argument("--out", required=True, help="the JSON record to write")
     args = p.parse_args()
-    write_json(args.out, record(args.run, args.command, args.wall_seconds))
+    write_json(args.out, record(args.run, args.command, args.wall_seconds, args.code))
 
 
 if __name__ == "__main__":
