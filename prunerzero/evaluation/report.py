@@ -171,16 +171,19 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
     evaluator = ((cfg or {}).get("evaluator") or {}).get("type", "?")
     model = ((cfg or {}).get("model") or {}).get("name", "?") if evaluator != "reconstruction" else "none (reconstruction evaluator)"
     generations = state.generation
+    allocation = ((cfg or {}).get("search") or {}).get("space") == "allocation"
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>prunerzero report: {_e(name)}</title>",
            f"<style>{CSS}</style></head><body>",
            f"<h1>Pruner-Zero search: {_e(name)}</h1>",
            f'<p class="meta">Run folder <code>{_e(run_dir)}</code> · report made {_e(_now())} · '
            f"{f'generations 0–{generations} done' if generations >= 0 else 'no generation done yet'} · "
-           f"{len(state.cache)} distinct metrics seen · evaluator {_e(evaluator)} · model {_e(model)}</p>"]
+           f"{len(state.cache)} distinct {'functions' if allocation else 'metrics'} seen · evaluator {_e(evaluator)} · model {_e(model)}</p>"]
 
-    out.append("<h2>Best metrics</h2>")
+    what, alike = (("allocation functions", "Functions that give the same per-layer counts") if allocation
+                   else ("metrics", "Metrics that prune alike (same masks)"))
+    out.append(f"<h2>Best {what}</h2>")
     if hof:
-        out.append(f'<p class="note">Fitness: {_e(fitness_label(cfg))}; lower is better. Metrics that prune alike (same masks) are listed once, '
+        out.append(f'<p class="note">Fitness: {_e(fitness_label(cfg))}; lower is better. {alike} are listed once, '
                    f"by their smallest formula. The top {top} {'is' if top == 1 else 'are'} the ones a sweep compares.</p>")
         rows = "".join(
             f"<tr{BEST_ROW if r['rank'] == 1 else ''}><td class='num'>{r['rank']}</td><td><code>{_e(r['formula'])}</code></td>"
