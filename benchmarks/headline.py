@@ -169,6 +169,41 @@ def plot(tables: dict, runner: CellRunner, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
+    """Bars of the measured allocation cells: a group per metric and sparsity, a bar per allocation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    value = {}
+    for row, col, cell in tables["allocation"]:
+        rec = runner.done(cell)
+        if rec and rec.get("ppl"):
+            metric, kind = row.split(" + ", 1)
+            value[(f"{metric}\n{col}", kind)] = rec["ppl"]
+    groups = list(dict.fromkeys(g for g, _ in value))
+    kinds = list(dict.fromkeys(k for _, k in value))
+    if not groups:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(groups) + 3.0), 4.6))
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        xs = [j + i * width for j, g in enumerate(groups) if (g, kind) in value]
+        ys = [value[(g, kind)] for g in groups if (g, kind) in value]
+        bars = ax.bar(xs, ys, width, label=kind)
+        ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=7, padding=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
+    ax.set_ylim(bottom=0)  # linear: bars this far apart in one decade read truer than on a log axis
+    ax.set_ylabel("WikiText-2 test perplexity")
+    ax.set_title("SmolLM2-135M, layerwise allocation (first 32 test windows); lower is better", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/headline", help="folder of the cell records")
@@ -194,6 +229,7 @@ def main() -> int:
         text = markdown(tables, runner)
         print(text)
         plot(tables, runner, Path(args.plot))
+        plot_allocation(tables, runner, Path(args.plot).with_name("allocation.png"))
         if args.readme:
             readme = Path(args.readme).read_text()
             start, end = "<!-- headline:start -->", "<!-- headline:end -->"
