@@ -97,7 +97,10 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
             for path in searched.get(sparsity, []):
                 # a row per search (the run that found the function), whatever target its file is for;
                 # relative to the working folder (the repository root): records name no machine path
-                run = json.loads(path.read_text()).get("run", path.stem)
+                data = json.loads(path.read_text())
+                run = data.get("run", path.stem)
+                if data.get("function_from") == "given":  # not the run's best: name the function too
+                    run = f"{run}: {data['function']}"
                 choices.append((f"searched ({run})", os.path.relpath(path)))
             for name, allocation in choices:
                 cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,

@@ -248,6 +248,7 @@ def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, functio
     a = cfg.fitness.allocation
     if not 0 <= a.range[0] <= sparsity <= a.range[1] < 1:
         raise UserError(f"--sparsity {sparsity} is outside the run's allocation range {a.range}")
+    chosen = "given" if function is not None else "the run's best"
     if function is None:
         state, _ = ckpt.load_checkpoint(run_dir)
         best = state.hall_of_fame(1)
@@ -261,7 +262,7 @@ def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, functio
     metric = resolve_tree(cfg.search.metric)
     evaluator = AllocationEvaluator(ModelFitness(fitness_settings(cfg), run_dir, gradients="G" in metric.terminals),
                                     metric, a.lam, a.m, a.range)
-    return evaluator.write(tree, out, None, run=cfg.name, found_at=found_at,
+    return evaluator.write(tree, out, None, run=cfg.name, found_at=found_at, function_from=chosen,
                            made_with=f"prunerzero allocate {run_dir.name} --sparsity {sparsity}: the function found by "
                                      f"the run, applied at this target; fitness not measured")
 

@@ -116,6 +116,12 @@ def test_an_allocation_search_resumes_exactly_and_exports_a_file_prune_loads(tmp
     assert main(["allocate", run, "--sparsity", "0.5", "--out", str(tmp_path / "a50.json")]) == 0
     a50 = json.loads((tmp_path / "a50.json").read_text())
     assert a50["target"] == 0.5 and a50["found_at"] == 0.7 and a50["function"] == data_out["function"]
+    assert a50["function_from"] == "the run's best"
+    assert main(["allocate", run, "--sparsity", "0.5", "--function", "D", "--out", str(tmp_path / "d50.json")]) == 0
+    d50 = json.loads((tmp_path / "d50.json").read_text())
+    assert d50["function_from"] == "given" and d50["function"] == "D"
+    first, last = list(sizes)[0], list(sizes)[-1]
+    assert d50["layers"][first] > 0.5 > d50["layers"][last]  # deeper layers keep more weights
     assert a50["pruned_weights"] == round(0.5 * sum(sizes.values()))
     # OWL's mapping is a shift of the same shape (no layer meets the range here): same moves around the target
     moves = {n: r - 0.5 for n, r in a50["layers"].items()}
