@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
-from prunerzero.primitives.known import shipped_trees
+from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
 from prunerzero.primitives.tree import Tree
 
 BASELINES = ("dense", "magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
@@ -99,7 +99,9 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
                 # relative to the working folder (the repository root): records name no machine path
                 data = json.loads(path.read_text())
                 run = data.get("run", path.stem)
-                if data.get("function_from") == "given":  # not the run's best: name the function too
+                if data.get("function_from") == "given":  # not the run's best: named, and with its own metric only
+                    if str(Tree.parse(formulas[metric] or KNOWN_METRICS[metric].formula)) != data["metric"]:
+                        continue
                     run = f"{run}: {data['function']}"
                 choices.append((f"searched ({run})", os.path.relpath(path)))
             for name, allocation in choices:
