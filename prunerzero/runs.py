@@ -97,7 +97,8 @@ def _model_evaluator(cfg: SearchConfig) -> Evaluator:
     if e.type == "ray":
         return RayEvaluator(fitness_settings(cfg), cfg.run_dir, RaySettings(
             workers=e.workers, cpus_per_worker=e.cpus_per_worker, gpus_per_worker=e.gpus_per_worker,
-            threads_per_worker=e.threads_per_worker, address=e.address, timeout_s=e.timeout_s))
+            threads_per_worker=e.threads_per_worker, address=e.address, timeout_s=e.timeout_s),
+            gradients="G" in cfg.search.terminals)
     if cfg.search.space == "allocation":
         a = cfg.fitness.allocation
         metric = resolve_tree(cfg.search.metric)

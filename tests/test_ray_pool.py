@@ -299,6 +299,19 @@ def test_more_gpus_than_the_cluster_has(pool, settings, run_dir):
     assert ray.is_initialized()  # the pool's session is left alone
 
 
+def test_a_pool_whose_trees_never_read_g_never_computes_it(pool, reference, settings, tmp_path):
+    run_dir = tmp_path / "no-g"
+    # No CPU asked: the pool's two workers hold both CPUs of this Ray instance.
+    ev = RayEvaluator(settings, run_dir, RaySettings(workers=1, cpus_per_worker=0, timeout_s=120), gradients=False)
+    try:
+        texts = ["abs(W)", "mul(abs(W), sqrt(X))"]
+        assert [r.fitness for r in ev.evaluate(trees(*texts))] == in_process(reference, texts)
+        assert [p.name.split("-")[0] for p in run_dir.glob("*.safetensors")] == ["activations"]
+    finally:
+        ev.close()  # its workers only: the Ray session is the pool's
+    assert ray.is_initialized()
+
+
 def test_worker_that_cannot_load_the_model(pool, tiny_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

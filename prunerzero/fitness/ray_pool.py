@@ -82,8 +82,11 @@ class _Job:
 class RayEvaluator(Evaluator):
     """Evaluates trees on a pool of long-lived Ray actors (see the module docstring)."""
 
-    def __init__(self, settings: FitnessSettings, run_dir: str | Path, ray_settings: RaySettings | None = None):
+    def __init__(self, settings: FitnessSettings, run_dir: str | Path, ray_settings: RaySettings | None = None,
+                 gradients: bool = True):
+        """``gradients=False``: no tree of the run reads G, so neither the driver nor a worker computes it."""
         self.settings = settings
+        self.gradients = gradients
         self.full_budget = settings.windows
         self.pattern = settings.pattern
         self.run_dir = Path(run_dir)
@@ -111,11 +114,11 @@ class RayEvaluator(Evaluator):
         try:
             self._connect()
             self._check_resources()
-            if not statistics_ready(settings, self.run_dir) and _device_available(settings.device):
+            if not statistics_ready(settings, self.run_dir, gradients) and _device_available(settings.device):
                 self._prepare_statistics()
             # Without the statistics (the driver cannot use the device), the first worker computes
             # them into the run folder and the others start once it is ready and load them.
-            first = self.ray_settings.workers if statistics_ready(settings, self.run_dir) else 1
+            first = self.ray_settings.workers if statistics_ready(settings, self.run_dir, gradients) else 1
             self._start_workers(first)
             if first < self.ray_settings.workers:
                 self._start_workers(self.ray_settings.workers - first)
@@ -161,13 +164,13 @@ class RayEvaluator(Evaluator):
         log.info("computing the statistics once in the driver")
         model, tokenizer, source = load_model(self.settings.model, self.settings.device)
         try:
-            prepare_statistics(model, tokenizer, source, self.settings, self.run_dir)
+            prepare_statistics(model, tokenizer, source, self.settings, self.run_dir, self.gradients)
         finally:
             del model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        if not statistics_ready(self.settings, self.run_dir):  # then every worker computes them: slow
+        if not statistics_ready(self.settings, self.run_dir, self.gradients):  # then every worker computes them: slow
             log.warning("statistics are not where expected: %s", ", ".join(map(str, statistics_paths(
                 self.settings, self.run_dir))))
 
@@ -177,7 +180,7 @@ class RayEvaluator(Evaluator):
             num_cpus=self.ray_settings.cpus_per_worker, num_gpus=self.ray_settings.gpus_per_worker, max_restarts=0,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
         )
-        handle = cls.remote(self.settings, str(self.run_dir), self.ray_settings.threads_per_worker)
+        handle = cls.remote(self.settings, str(self.run_dir), self.ray_settings.threads_per_worker, self.gradients)
         slot = _Slot(handle, time.monotonic())
         slot.ready_ref = handle.ready.remote()
         if self._known:

@@ -65,8 +65,10 @@ class RaySettings:
             raise UserError(f"max_restarts must not be negative, not {self.max_restarts}")
 
 
-def statistics_ready(settings: FitnessSettings, run_dir: str | Path) -> bool:
-    return all(p.is_file() for p in statistics_paths(settings, run_dir))
+def statistics_ready(settings: FitnessSettings, run_dir: str | Path, gradients: bool = True) -> bool:
+    """Whether X (and G, if the run reads it) are in the run folder."""
+    acts, grads = statistics_paths(settings, run_dir)
+    return acts.is_file() and (not gradients or grads.is_file())
 
 
 def _one_line(e: BaseException | str, limit: int = 400) -> str:
@@ -91,14 +93,14 @@ class FitnessWorker:
     gets one clean line instead of an actor-death traceback.
     """
 
-    def __init__(self, settings: FitnessSettings, run_dir: str, threads: int):
+    def __init__(self, settings: FitnessSettings, run_dir: str, threads: int, gradients: bool = True):
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
         torch.set_num_threads(threads)
         self.fitness: ModelFitness | None = None
         self.error: str | None = None
         try:
-            self.fitness = ModelFitness(settings, run_dir)
+            self.fitness = ModelFitness(settings, run_dir, gradients=gradients)
         except Exception as e:  # reported by ready()
             self.error = _one_line(e)
             log.error("worker could not start: %s", self.error)
