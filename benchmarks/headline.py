@@ -25,6 +25,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
 from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
@@ -140,47 +141,52 @@ def markdown(tables: dict, runner: CellRunner) -> str:
     return "\n".join(out)
 
 
-def plot(tables: dict, runner: CellRunner, path: Path) -> None:
-    """Bars of the measured WikiText-2 cells, one group per column that has data, values written on them."""
+def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: list[str], path: Path, title: str,
+              log_scale: bool, digits: int, hlines: Sequence[tuple[float, str]] = ()) -> None:
+    """Grouped bars, one group per ``groups`` entry and one bar per ``series`` entry, values written on them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = {(r, c): runner.done(cell) for r, c, cell in tables["wikitext2"]}
-    value = {k: rec["ppl"] for k, rec in cells.items() if rec and rec.get("ppl")}
-    rows = [r for r in dict.fromkeys(r for r, _ in cells) if r != "dense" and any(k[0] == r for k in value)]
-    cols = [c for c, *_ in COLUMNS if any((r, c) in value for r in rows)]
-    if not cols:
-        return
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(cols) + 3.5), 4.6))
-    width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
-        xs = [j + i * width for j, c in enumerate(cols) if (r, c) in value]
-        ys = [value[(r, c)] for c in cols if (r, c) in value]
-        bars = ax.bar(xs, ys, width, label=r)
-        ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
-    for c in cols:
-        if ("dense", c) in value:
-            ax.axhline(value[("dense", c)], color="k", linestyle=":", label=f"dense ({c}) {value[('dense', c)]:.2f}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
-    ax.set_yscale("log")
-    ax.set_ylabel("WikiText-2 test perplexity (log scale)")
-    ax.set_title("SmolLM2-135M, metrics without weight updates; lower is better", fontsize=9)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(groups) + 3.2), 4.6))
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        xs = [j + i * width for j, g in enumerate(groups) if (g, name) in value]
+        ys = [value[(g, name)] for g in groups if (g, name) in value]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, labels=[f"{y:.{digits}f}" for y in ys], fontsize=7, padding=2)
+    for y, label in hlines:
+        ax.axhline(y, color="k", linestyle=":", label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
+    if log_scale:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_ylabel("WikiText-2 test perplexity" + (" (log scale)" if log_scale else ""))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3 if log_scale else 2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
+def plot(tables: dict, runner: CellRunner, path: Path) -> None:
+    """Bars of the measured WikiText-2 cells, one group per column that has data."""
+    cells = {(r, c): runner.done(cell) for r, c, cell in tables["wikitext2"]}
+    value = {(c, r): rec["ppl"] for (r, c), rec in cells.items() if rec and rec.get("ppl")}
+    rows = [r for r in dict.fromkeys(r for r, _ in cells) if r != "dense" and any(k[1] == r for k in value)]
+    cols = [c for c, *_ in COLUMNS if any((c, r) in value for r in rows)]
+    if cols:
+        dense = [(value[(c, "dense")], f"dense ({c}) {value[(c, 'dense')]:.2f}") for c in cols if (c, "dense") in value]
+        bar_chart(value, cols, rows, path, "SmolLM2-135M, metrics without weight updates; lower is better",
+                  log_scale=True, digits=1, hlines=dense)
+
+
 def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
-    """Bars of the measured allocation cells: a group per metric and sparsity, a bar per allocation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Bars of the measured allocation cells: a group per metric and sparsity, a bar per allocation.
+    A linear axis: bars this far apart within one decade read truer than on a log axis."""
     value = {}
     for row, col, cell in tables["allocation"]:
         rec = runner.done(cell)
@@ -188,25 +194,10 @@ def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
             metric, kind = row.split(" + ", 1)
             value[(f"{metric}\n{col}", kind)] = rec["ppl"]
     groups = list(dict.fromkeys(g for g, _ in value))
-    kinds = list(dict.fromkeys(k for _, k in value))
-    if not groups:
-        return
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(groups) + 3.0), 4.6))
-    width = 0.8 / len(kinds)
-    for i, kind in enumerate(kinds):
-        xs = [j + i * width for j, g in enumerate(groups) if (g, kind) in value]
-        ys = [value[(g, kind)] for g in groups if (g, kind) in value]
-        bars = ax.bar(xs, ys, width, label=kind)
-        ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], fontsize=7, padding=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
-    ax.set_ylim(bottom=0)  # linear: bars this far apart in one decade read truer than on a log axis
-    ax.set_ylabel("WikiText-2 test perplexity")
-    ax.set_title("SmolLM2-135M, layerwise allocation (first 32 test windows); lower is better", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    if groups:
+        bar_chart(value, groups, list(dict.fromkeys(k for _, k in value)), path,
+                  "SmolLM2-135M, layerwise allocation (first 32 test windows); lower is better",
+                  log_scale=False, digits=0)
 
 
 def main() -> int:
