@@ -100,12 +100,17 @@ def _model_evaluator(cfg: SearchConfig) -> Evaluator:
             threads_per_worker=e.threads_per_worker, address=e.address, timeout_s=e.timeout_s),
             gradients="G" in cfg.search.terminals)
     if cfg.search.space == "allocation":
-        a = cfg.fitness.allocation
-        metric = resolve_tree(cfg.search.metric)
-        return AllocationEvaluator(ModelFitness(fitness_settings(cfg), cfg.run_dir, gradients="G" in metric.terminals),
-                                   metric, a.lam, a.m, a.range)
+        return _allocation_evaluator(cfg, cfg.run_dir)
     fitness = ModelFitness(fitness_settings(cfg), cfg.run_dir, gradients="G" in cfg.search.terminals)
     return InProcessEvaluator(fitness_settings(cfg), cfg.run_dir, fitness)
+
+
+def _allocation_evaluator(cfg: SearchConfig, run_dir: Path) -> AllocationEvaluator:
+    """An allocation run's evaluator: its fixed metric's fitness; G loaded only if that metric reads it."""
+    a = cfg.fitness.allocation
+    metric = resolve_tree(cfg.search.metric)
+    return AllocationEvaluator(ModelFitness(fitness_settings(cfg), run_dir, gradients="G" in metric.terminals),
+                               metric, a.lam, a.m, a.range)
 
 
 def known_masks(state: SearchState, cfg: SearchConfig) -> dict[str, float]:
@@ -260,9 +265,7 @@ def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, functio
     if not tree.terminals or not tree.terminals <= set(FEATURES):
         raise UserError(f"{tree} is not an allocation function: its leaves must be among {', '.join(FEATURES)}")
     found_at, cfg.fitness.sparsity = cfg.fitness.sparsity, sparsity
-    metric = resolve_tree(cfg.search.metric)
-    evaluator = AllocationEvaluator(ModelFitness(fitness_settings(cfg), run_dir, gradients="G" in metric.terminals),
-                                    metric, a.lam, a.m, a.range)
+    evaluator = _allocation_evaluator(cfg, run_dir)
     return evaluator.write(tree, out, None, run=cfg.name, found_at=found_at, function_from=chosen,
                            made_with=f"prunerzero allocate {run_dir.name} --sparsity {sparsity}: the function found by "
                                      f"the run, applied at this target; fitness not measured")
