@@ -27,7 +27,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
+from prunerzero.models import pick_device
 from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
 from prunerzero.primitives.tree import Tree
 
@@ -210,9 +212,15 @@ def main() -> int:
     parser.add_argument("--readme", default=None, help="with --table: also write the tables into this file's "
                                                          "<!-- headline:start/end --> markers")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N; the device "
+                                                          "is written in each record")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    runner = CellRunner(Path(args.out), data_dir=args.data_dir, device="cpu")
+    try:
+        device = pick_device(args.device)
+    except UserError as err:
+        parser.error(str(err))
+    runner = CellRunner(Path(args.out), data_dir=args.data_dir, device=device)
     tables = grid()
     if args.list:
         for name, cells in tables.items():
