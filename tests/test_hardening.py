@@ -243,3 +243,17 @@ def test_a_real_model_search_is_reproducible_across_processes(tmp_path, smollm2)
         assert a[key] == b[key], key
     strip = lambda log: [{k: v for k, v in row.items() if k != "seconds"} for row in log]  # noqa: E731
     assert strip(a["log"]) == strip(b["log"])
+
+
+def test_seed_flag_starts_a_new_run_with_that_seed_and_cannot_change_a_runs_seed(run, tmp_path, capsys):
+    cfg_path = tmp_path / "config.yaml"
+    assert main(["search", "--config", str(cfg_path), "--seed", "11", "--name", "r11", "--no-heldout"]) == 0
+    other = tmp_path / "runs" / "r11"
+    assert yaml.safe_load((other / ckpt.CONFIG).read_text())["seed"] == 11
+    assert yaml.safe_load((run / ckpt.CONFIG).read_text())["seed"] == 3
+    population = [json.dumps(t) for t in json.loads((other / ckpt.STATE).read_text())["population"]]
+    assert population != [json.dumps(t) for t in json.loads((run / ckpt.STATE).read_text())["population"]]
+    state = (run / ckpt.STATE).read_text()
+    one_line_error(capsys, ["search", "--resume", str(run), "--seed", "4"], "cannot change a run's seed", "--name")
+    one_line_error(capsys, ["search", "--config", str(cfg_path), "--seed", "-1", "--name", "neg"], "--seed")
+    assert (run / ckpt.STATE).read_text() == state and not (tmp_path / "runs" / "neg").exists()

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prunerzero.config import HeldoutSection, config_from_dict, load_config, validate
+from prunerzero.config import LIMITS, HeldoutSection, config_from_dict, load_config, validate
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
 from prunerzero.files import write_json
@@ -27,12 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    if args.seed is not None and not 0 <= args.seed <= LIMITS["seed"]:
+        raise UserError(f"--seed must be between 0 and {LIMITS['seed']}, got {args.seed}")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / ckpt.CONFIG).is_file():
             raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
         cfg = load_config(args.config) if args.config else config_from_dict(_load_yaml(run_dir / ckpt.CONFIG))
         cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+        if args.seed is not None and args.seed != cfg.seed:
+            raise UserError(f"--seed {args.seed} cannot change a run's seed (it was {cfg.seed}); start a new run with "
+                            f"--config FILE --seed {args.seed} --name NAME")
         validate(cfg)
     elif args.config:
         cfg = load_config(args.config)
@@ -40,6 +45,8 @@ def cmd_search(args: argparse.Namespace) -> None:
             cfg.name = args.name
         if args.output_dir is not None:
             cfg.output_dir = args.output_dir
+        if args.seed is not None:
+            cfg.seed = args.seed
         validate(cfg)
     else:
         raise UserError("give --config FILE.yaml to start a search, or --resume runs/NAME to continue one")
@@ -106,6 +113,8 @@ def register(sub: Any) -> None:
     p.add_argument("--generations", type=int, default=None, help="total generations to reach (default: the config's)")
     p.add_argument("--name", default=None, help="run name (folder under output_dir); default: the config's")
     p.add_argument("--output-dir", default=None)
+    p.add_argument("--seed", type=int, default=None, help="search seed of a new run (default: the config's); "
+                                                          "with --name, several seeds of one config side by side")
     p.add_argument("--force", action="store_true", help="resume even if the search space or fitness changed")
     p.add_argument("--dry-run", action="store_true", help="validate the config and exit, loading nothing")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
