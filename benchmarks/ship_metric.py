@@ -1,0 +1,90 @@
+"""Ship a search's best metric as ``prunerzero/trees/NAME.json`` (then ``--tree NAME`` loads it).
+
+The file holds the tree (Pruner-Zero JSON format), its formula and fitness, how it was found
+(config, seed, generation, commit, pattern, sparsity, fitness text, the search's record) and the
+fitness of the known metrics on the same text, so a reader sees what it beat when it was chosen.
+Choosing uses validation text only: the test split is not read here.
+
+    python benchmarks/ship_metric.py runs/discover-2of4 --name NAME --config configs/discover-2of4.yaml \\
+        --record results/searches/discover-2of4.json --description "what it is, in words"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prunerzero.config import check_run_name
+from prunerzero.errors import UserError
+from prunerzero.files import write_json
+from prunerzero.primitives.known import KNOWN_METRICS, SHIPPED_TREES
+from prunerzero.runs import _run_config
+from prunerzero.search import checkpoint as ckpt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_record import reference_fitness  # noqa: E402
+
+
+def shipped_metric(run: Path, name: str, description: str, config: str, record: str | None,
+                   rank: int = 1, code: str | None = None) -> dict[str, Any]:
+    cfg = _run_config(run)
+    if cfg.search.space != "metric":
+        raise UserError(f"{run} is an allocation search; ship its allocation file, not a metric")
+    state, _ = ckpt.load_checkpoint(run)
+    trees = ckpt.export_trees(state, rank)["trees"]
+    if len(trees) < rank:
+        raise UserError(f"{run} has {len(trees)} evaluated metrics, fewer than rank {rank}")
+    best = trees[rank - 1]
+    commit = code or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    f = cfg.fitness
+    return {
+        "name": name,
+        "description": description,
+        "found_by": {"config": config, "seed": cfg.seed, "generation": best["generation"],
+                     "code": f"commit {commit}" if commit else "unknown", "pattern": f.pattern,
+                     "sparsity": f.sparsity,
+                     "fitness_text": f"{f.text} {f.split}, {f.windows} x {f.seqlen} tokens",
+                     "record": record},
+        "reference_fitness": {k: v for k, v in reference_fitness(json.loads((run / ckpt.STATE).read_text())["cache"]).items()
+                              if k != name},
+        "trees": [{**best, "rank": 1}],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="the search's run folder")
+    p.add_argument("--name", required=True, help="a name that says what the metric is (the file stem)")
+    p.add_argument("--description", required=True, help="the formula in words, and why it differs from the known ones")
+    p.add_argument("--config", required=True, help="the config the run was started from, as a reader would re-run it")
+    p.add_argument("--record", default=None, help="the search's record under results/searches/")
+    p.add_argument("--rank", type=int, default=1, help="ship the hall of fame's entry of this rank (default: the best)")
+    p.add_argument("--code", default=None, help="the commit the run was made with (default: this checkout's HEAD)")
+    p.add_argument("--out-dir", type=Path, default=SHIPPED_TREES)
+    p.add_argument("--force", action="store_true", help="replace a shipped metric of the same name")
+    args = p.parse_args()
+    try:
+        check_run_name(args.name, "--name")
+        if args.name in KNOWN_METRICS:
+            raise UserError(f"--name {args.name} is a known metric's name; choose another")
+        out = args.out_dir / f"{args.name}.json"
+        if out.exists() and not args.force:
+            raise UserError(f"{out} exists; pass --force to replace it")
+        data = shipped_metric(args.run, args.name, args.description, args.config, args.record, args.rank, args.code)
+    except UserError as err:
+        p.error(str(err))
+    write_json(out, data)
+    best = data["trees"][0]
+    print(f"wrote {out}: {best['formula']} (fitness {best['fitness']:.4f}); "
+          f"load with --tree {args.name}" + ("" if args.out_dir == SHIPPED_TREES else f" once in {SHIPPED_TREES}"))
+    for ref, r in data["reference_fitness"].items():
+        print(f"  {ref:28s} {r['fitness']:.4f}{' (estimated)' if r['estimated'] else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The metrics prunerzero ships (prunerzero/trees/) and the script that ships them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunerzero.cli import main
+from prunerzero.primitives.known import KNOWN_METRICS, resolve_tree, shipped_trees
+from prunerzero.primitives.tree import Tree
+from prunerzero.search import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parent.parent
+RECON = {"seed": 3, "search": {"population": 8, "generations": 2}, "evaluator": {"type": "reconstruction"}}
+
+
+@pytest.mark.parametrize("name", sorted(shipped_trees()))
+def test_each_shipped_metric_says_how_it_was_found_and_beat_wanda_on_its_fitness_text(name):
+    path = shipped_trees()[name]
+    data = json.loads(path.read_text())
+    assert data["name"] == name and name not in KNOWN_METRICS and data["description"]
+    found = data["found_by"]
+    assert (ROOT / found["config"]).is_file() and (ROOT / found["record"]).is_file()
+    config = yaml.safe_load((ROOT / found["config"]).read_text())
+    assert config["fitness"]["pattern"] == found["pattern"] and config["fitness"]["sparsity"] == found["sparsity"]
+    assert config["fitness"]["split"] != "test"  # chosen on validation text only
+    best = data["trees"][0]
+    tree = Tree.load(path)
+    assert str(tree) == best["formula"] and str(resolve_tree(name)) == best["formula"]
+    # the reason it ships: on the text the search scored with, it prunes better than Wanda
+    wanda = data["reference_fitness"]["wanda"]
+    assert not wanda["estimated"] and best["fitness"] < wanda["fitness"]
+    # and the search's record agrees with the file
+    record = json.loads((ROOT / found["record"]).read_text())
+    assert any(r.get("tree", r.get("formula")) == best["formula"] and r["fitness"] == best["fitness"]
+               for r in record["top10"])
+
+
+def test_ship_metric_writes_a_loadable_file_and_refuses_known_names_and_overwrites(tmp_path):
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "runs"), **RECON}))
+    assert main(["search", "--config", str(cfg_path), "--no-heldout"]) == 0
+    run = tmp_path / "runs" / "r"
+    state, _ = ckpt.load_checkpoint(run)
+    best = state.hall_of_fame(1)[0]
+    script = [sys.executable, str(ROOT / "benchmarks" / "ship_metric.py"), str(run), "--config", str(cfg_path),
+              "--description", "test metric", "--out-dir", str(tmp_path / "trees")]
+
+    def ship(*extra):
+        return subprocess.run(script + list(extra), capture_output=True, text=True, cwd=ROOT)
+
+    done = ship("--name", "my-metric")
+    assert done.returncode == 0, done.stderr
+    shipped = tmp_path / "trees" / "my-metric.json"
+    data = json.loads(shipped.read_text())
+    assert str(Tree.load(shipped)) == best["tree"] and data["trees"][0]["fitness"] == best["fitness"]
+    assert data["found_by"]["seed"] == 3 and data["found_by"]["generation"] == best["generation"]
+    before = shipped.read_text()
+    for extra, word in ((("--name", "my-metric"), "--force"), (("--name", "wanda"), "known metric"),
+                        (("--name", "../x"), "plain folder name")):
+        refused = ship(*extra)
+        assert refused.returncode == 2 and word in refused.stderr.strip().splitlines()[-1], refused.stderr
+    assert shipped.read_text() == before and sorted(p.name for p in (tmp_path / "trees").iterdir()) == ["my-metric.json"]
