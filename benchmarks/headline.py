@@ -140,7 +140,32 @@ def markdown(tables: dict, runner: CellRunner) -> str:
                 vals.append("-" if rec is None or rec.get("ppl") is None else f"{rec['ppl']:.3f}")
             out.append(f"| {r} | " + " | ".join(vals) + " |")
         out.append("")
+        if name in ("wikitext2", "c4"):
+            out.extend(gaps(name, cols, values))
     return "\n".join(out)
+
+
+GAP_BASELINES = ("wanda", "ria", "pruner-zero", "sparsegpt")
+
+
+def gaps(table: str, cols: list[str], values: dict) -> list[str]:
+    """Each discovered metric against each baseline, column by column: perplexity change in percent
+    (negative: the discovered metric prunes better), from the same records as the table above."""
+    lines = []
+    for name, _ in discovered():
+        for base in GAP_BASELINES:
+            row = []
+            for c in cols:
+                mine, theirs = values.get((name, c)), values.get((base, c))
+                ok = all(r is not None and r.get("ppl") for r in (mine, theirs))
+                row.append(f"{100 * (mine['ppl'] / theirs['ppl'] - 1):+.2f}%" if ok else "-")
+            if any(v != "-" for v in row):
+                lines.append(f"| {name} vs {base} | " + " | ".join(row) + " |")
+    if not lines:
+        return []
+    text = {"wikitext2": "WikiText-2 test", "c4": "C4 validation"}[table]
+    return ([f"*{text}: discovered metrics against the baselines, change in perplexity (negative: better)*\n",
+             "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)] + lines + [""])
 
 
 def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: list[str], path: Path, title: str,
