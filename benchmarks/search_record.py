@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero.files import write_json
-from prunerzero.fitness.base import WORST_FITNESS
-from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
-from prunerzero.primitives.tree import Tree
 from prunerzero.runs import _run_config
-from prunerzero.search.simplify import symbolic_key
+from prunerzero.search.checkpoint import reference_fitness
 
 PER_GENERATION_KEYS = ("generation", "best", "best_tree", "median", "unique_evaluated", "evaluated_this_gen")
 
@@ -54,19 +51,6 @@ def record(run: Path, command: str, wall_seconds: float | None, code: str | None
     else:
         out["best"] = {"tree": hall[0]["formula"], "fitness": hall[0]["fitness"]}
         out["reference_fitness"] = reference_fitness(state["cache"])
-    return out
-
-
-def reference_fitness(cache: dict[str, Any]) -> dict[str, Any]:
-    """The known and shipped metrics this run evaluated, on its own fitness text: what its best is measured
-    against. "estimated": only on the low-fidelity budget (scaled), never promoted to the full one."""
-    named = {name: m.tree for name, m in KNOWN_METRICS.items()}
-    named.update({name: Tree.load(path) for name, path in shipped_trees().items()})
-    out = {}
-    for name, tree in named.items():
-        hit = cache.get(symbolic_key(tree))
-        if hit is not None and hit["fitness"] < WORST_FITNESS:
-            out[name] = {"tree": str(tree), "fitness": hit["fitness"], "estimated": bool(hit.get("estimated"))}
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,6 @@ from prunerzero.files import write_json
 from prunerzero.primitives.known import KNOWN_METRICS, SHIPPED_TREES
 from prunerzero.runs import _run_config
 from prunerzero.search import checkpoint as ckpt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_record import reference_fitness  # noqa: E402
 
 
 def shipped_metric(run: Path, name: str, description: str, config: str, record: str | None,
@@ -49,7 +45,7 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
                      "sparsity": f.sparsity,
                      "fitness_text": f"{f.text} {f.split}, {f.windows} x {f.seqlen} tokens",
                      "record": record},
-        "reference_fitness": {k: v for k, v in reference_fitness(json.loads((run / ckpt.STATE).read_text())["cache"]).items()
+        "reference_fitness": {k: v for k, v in ckpt.reference_fitness(json.loads((run / ckpt.STATE).read_text())["cache"]).items()
                               if k != name},
         "trees": [{**best, "rank": 1}],
     }

@@ -58,6 +58,10 @@ def test_ship_metric_writes_a_loadable_file_and_refuses_known_names_and_overwrit
     data = json.loads(shipped.read_text())
     assert str(Tree.load(shipped)) == best["tree"] and data["trees"][0]["fitness"] == best["fitness"]
     assert data["found_by"]["seed"] == 3 and data["found_by"]["generation"] == best["generation"]
+    # the known metrics were seeded into generation 0: their fitness on the same text is in the file
+    wanda = KNOWN_METRICS["wanda"].formula
+    assert data["reference_fitness"]["wanda"]["fitness"] == state.fitness_of(wanda)
+    assert set(data["reference_fitness"]) <= set(KNOWN_METRICS) | set(shipped_trees())
     before = shipped.read_text()
     for extra, word in ((("--name", "my-metric"), "--force"), (("--name", "wanda"), "known metric"),
                         (("--name", "../x"), "plain folder name")):

@@ -146,31 +146,59 @@ def export_trees(state: SearchState, top: int) -> dict[str, Any]:
     return {"fitness": "perplexity on the fitness text (lower is better)", "trees": trees}
 
 
+def reference_fitness(cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The known and shipped metrics a run evaluated, on its own fitness text: what its best is measured
+    against. "estimated": only on the low-fidelity budget (scaled), never promoted to the full one."""
+    from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
+    from prunerzero.search.simplify import symbolic_key
+
+    named = {name: m.tree for name, m in KNOWN_METRICS.items()}
+    named.update({name: Tree.load(path) for name, path in shipped_trees().items()})
+    out = {}
+    for name, tree in named.items():
+        hit = cache.get(symbolic_key(tree))
+        if hit is not None and hit["fitness"] < WORST_FITNESS:
+            out[name] = {"tree": str(tree), "fitness": hit["fitness"], "estimated": bool(hit.get("estimated"))}
+    return out
+
+
 def plot_progress(run_dir: Path, state: SearchState) -> None:
-    """Best and median fitness per generation, into the run folder."""
+    """Best and median fitness per generation, with the known metrics the run measured as dotted lines,
+    into the run folder. The axis spans the best and the references (a generation-0 median far above
+    them would flatten the part a reader looks at; it is named instead)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in state.log if r["best"] is not None]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4))
     gens = [r["generation"] for r in rows]
-    ax.plot(gens, [r["best"] for r in rows], marker="o", label="best so far")
+    best = [r["best"] for r in rows]
+    ax.plot(gens, best, marker="o", label="best so far")
     med = [(r["generation"], r["median"]) for r in rows if r["median"] is not None and r["median"] < WORST_FITNESS]
+    refs = {name: r["fitness"] for name, r in reference_fitness(state.cache).items() if not r["estimated"]}
+    low = min(best + list(refs.values()))
+    top = max([best[0], *refs.values()] + ([med[-1][1]] if med else []))
+    top = low + 1.3 * (top - low) if top > low else low * 1.1
     if med:
         ax.plot(*zip(*med), marker=".", linestyle="--", label="population median")
-    from matplotlib.ticker import MaxNLocator
-
+        above = [(g, m) for g, m in med if m > top]
+        if above:
+            ax.text(0.99, 0.98, "median above the axis at generation " + ", ".join(f"{g} ({m:.4g})" for g, m in above[:3])
+                    + (" ..." if len(above) > 3 else ""), transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    for (name, value), color in zip(sorted(refs.items(), key=lambda kv: kv[1]), ("k", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:gray")):
+        ax.axhline(value, color=color, linestyle=":", linewidth=1, label=f"{name} {value:.4g}")
+    ax.set_ylim(low - 0.05 * (top - low) if top > low else low * 0.9, top)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness (lower is better)")
-    ax.set_yscale("log")
     ax.set_title(f"search progress, best: {rows[-1]['best_tree']}"[:90], fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     fig.tight_layout()
     save_figure(fig, run_dir / PLOT)
 
