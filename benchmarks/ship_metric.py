@@ -12,7 +12,6 @@ Choosing uses validation text only: the test split is not read here.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
     cfg = _run_config(run)
     if cfg.search.space != "metric":
         raise UserError(f"{run} is an allocation search; ship its allocation file, not a metric")
+    if rank < 1:
+        raise UserError(f"--rank must be 1 or more, got {rank}")
     state, _ = ckpt.load_checkpoint(run)
     trees = ckpt.export_trees(state, rank)["trees"]
     if len(trees) < rank:
@@ -45,8 +46,7 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
                      "sparsity": f.sparsity,
                      "fitness_text": f"{f.text} {f.split}, {f.windows} x {f.seqlen} tokens",
                      "record": record},
-        "reference_fitness": {k: v for k, v in ckpt.reference_fitness(json.loads((run / ckpt.STATE).read_text())["cache"]).items()
-                              if k != name},
+        "reference_fitness": {k: v for k, v in ckpt.reference_fitness(state.cache).items() if k != name},
         "trees": [{**best, "rank": 1}],
     }
 
