@@ -13,6 +13,7 @@ import os
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -164,6 +165,31 @@ def calibration_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> 
     return [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
 
 
+def free_spans(n_tokens: int, taken: Sequence[tuple[int, int]], seqlen: int, windows: int) -> list[tuple[int, int]]:
+    """The first ``windows`` non-overlapping spans of ``seqlen`` tokens, from the start of a text of
+    ``n_tokens``, that share no token with any span in ``taken`` (fewer if the text runs out)."""
+    taken = sorted(taken)
+    out, pos = [], 0
+    while len(out) < windows and pos + seqlen <= n_tokens:
+        clash = next(((a, b) for a, b in taken if a < pos + seqlen and pos < b), None)
+        if clash is not None:
+            pos = clash[1]  # jump past the taken span
+            continue
+        out.append((pos, pos + seqlen))
+        pos += seqlen
+    return out
+
+
+def _calibration_spans(n_tokens: int, calibration: tuple[str, str | None, int, int, int]) -> list[tuple[int, int]]:
+    _, _, nsamples, calib_seqlen, seed = calibration
+    return [(s, s + calib_seqlen) for s in calibration_starts(n_tokens, nsamples, calib_seqlen, seed)]
+
+
+def _shares_text(calibration: tuple[str, str | None, int, int, int] | None, source: str, split: str) -> bool:
+    return (calibration is not None and calibration[0] == source and (calibration[1] or "validation") == split
+            and source != "c4")
+
+
 def fitness_tokens(tokenizer: object, source: str, split: str, seqlen: int, windows: int,
                    calibration: tuple[str, str | None, int, int, int] | None, data_dir: str | None = None) -> torch.Tensor:
     """The search's fitness text: ``windows`` windows of ``seqlen`` tokens, concatenated.
@@ -174,25 +200,45 @@ def fitness_tokens(tokenizer: object, source: str, split: str, seqlen: int, wind
     the statistics a metric reads never saw the text it is judged on. Otherwise the first
     ``windows * seqlen`` tokens of the text, rows joined with "\n\n"."""
     need = windows * seqlen
-    same = calibration is not None and calibration[0] == source and (calibration[1] or "validation") == split
-    if not same or source == "c4":
+    if not _shares_text(calibration, source, split):
         tokens = joined_tokens(tokenizer, source, split, "\n\n", data_dir, need)
         if tokens.numel() < need:
             raise UserError(f"fitness text {source}:{split} has {tokens.numel()} tokens, fewer than the budget of "
                             f"{windows} x {seqlen}")
         return tokens[:need]
-    _, _, nsamples, calib_seqlen, seed = calibration
     ids = joined_tokens(tokenizer, source, split, " ", data_dir)
-    taken = sorted((s, s + calib_seqlen) for s in calibration_starts(ids.numel(), nsamples, calib_seqlen, seed))
-    out, pos = [], 0
-    while len(out) < windows and pos + seqlen <= ids.numel():
-        clash = next(((a, b) for a, b in taken if a < pos + seqlen and pos < b), None)
-        if clash is not None:
-            pos = clash[1]  # jump past the calibration window
-            continue
-        out.append(ids[pos : pos + seqlen])
-        pos += seqlen
-    if len(out) < windows:
-        raise UserError(f"fitness text {source}:{split} has room for only {len(out)} windows of {seqlen} tokens "
+    spans = free_spans(ids.numel(), _calibration_spans(ids.numel(), calibration), seqlen, windows)
+    if len(spans) < windows:
+        raise UserError(f"fitness text {source}:{split} has room for only {len(spans)} windows of {seqlen} tokens "
                         f"outside the calibration windows; lower fitness.windows or the calibration budget")
-    return torch.cat(out)
+    return torch.cat([ids[a:b] for a, b in spans])
+
+
+def unused_tokens(tokenizer: object, source: str, split: str, seqlen: int, windows: int,
+                  fitness: tuple[int, int], calibrations: Sequence[tuple[str, str | None, int, int, int]],
+                  data_dir: str | None = None) -> torch.Tensor:
+    """``windows`` windows of ``seqlen`` tokens of the fitness text that a search never used: no token
+    in its fitness windows (``fitness`` = (seqlen, windows), the first of ``calibrations`` being the
+    run's calibration, as :func:`fitness_tokens` chose them) nor in any of the ``calibrations``
+    windows. For a re-score of a search's best metrics on validation text (the test split stays
+    for the final table)."""
+    fit_seqlen, fit_windows = fitness
+    shared = [_shares_text(c, source, split) for c in calibrations]
+    if any(shared) and not shared[0]:
+        raise UserError(f"a re-score calibrated on {source}:{split} needs a run calibrated on it too")
+    if not shared[0]:  # the fitness text is the first tokens of the text; use what follows
+        used = fit_seqlen * fit_windows
+        tokens = joined_tokens(tokenizer, source, split, "\n\n", data_dir, used + windows * seqlen)
+        if tokens.numel() < used + windows * seqlen:
+            raise UserError(f"{source}:{split} has {tokens.numel()} tokens: after the {used} fitness tokens, no room "
+                            f"for {windows} windows of {seqlen}; lower the windows")
+        return tokens[used : used + windows * seqlen]
+    ids = joined_tokens(tokenizer, source, split, " ", data_dir)
+    n = ids.numel()
+    calib = [span for c in calibrations if _shares_text(c, source, split) for span in _calibration_spans(n, c)]
+    fit = free_spans(n, _calibration_spans(n, calibrations[0]), fit_seqlen, fit_windows)
+    spans = free_spans(n, calib + fit, seqlen, windows)
+    if len(spans) < windows:
+        raise UserError(f"{source}:{split} has room for only {len(spans)} windows of {seqlen} tokens outside the "
+                        f"fitness and calibration windows; lower the windows or their length")
+    return torch.cat([ids[a:b] for a, b in spans])

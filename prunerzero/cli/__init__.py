@@ -1,4 +1,4 @@
-"""Command line: ``prunerzero prune | gradients | eval | search | export | heldout | allocate | report | finetune``.
+"""Command line: ``prunerzero prune | gradients | eval | search | export | heldout | rescore | allocate | report | finetune``.
 
 One module per command, each with a ``register(subparsers)`` function; they parse arguments and
 call the library, and nothing in the library imports them. Every problem with the user's input is

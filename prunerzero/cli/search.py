@@ -1,4 +1,4 @@
-"""``prunerzero search | export | heldout``: run, resume, export and check searches."""
+"""``prunerzero search | export | heldout | rescore``: run, resume, export and check searches."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from prunerzero.config import LIMITS, HeldoutSection, config_from_dict, load_config, validate
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
+from prunerzero.evaluation.rescore import DEFAULT_BASELINES, RescoreSettings, format_rescore, rescore_run
 from prunerzero.files import write_json
 from prunerzero.runs import (
     ALLOCATION,
@@ -75,6 +76,14 @@ def cmd_heldout(args: argparse.Namespace) -> None:
     print(format_table(run_heldout(run_dir, cfg, state, h), h.texts))
 
 
+def cmd_rescore(args: argparse.Namespace) -> None:
+    settings = RescoreSettings(top=args.top, windows=args.windows, seqlen=args.seqlen, stats_mode=args.stats,
+                               nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
+                               baselines=tuple(b for b in args.baselines.split(",") if b.strip()))
+    cfg = _run_config(Path(args.run))
+    print(format_rescore(rescore_run(Path(args.run), cfg, settings)))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     if args.top < 1:
@@ -127,6 +136,21 @@ def register(sub: Any) -> None:
     p.add_argument("--windows", type=int, default=None, help="evaluation windows per text (default: the config's)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window")
     p.set_defaults(func=cmd_heldout)
+
+    p = sub.add_parser("rescore", help="the hall of fame's best and the known metrics on validation windows the search "
+                                        "never used: pick what to ship (resumable; the test split is not touched)")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.add_argument("--top", type=int, default=10, help="metrics of the hall of fame to re-score (default 10)")
+    p.add_argument("--windows", type=int, default=8, help="unused validation windows (default 8)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as the test)")
+    p.add_argument("--stats", choices=("once", "sequential"), default="sequential",
+                   help="X from the dense model (once) or block by block on the partly pruned one, as the final "
+                        "pruning (sequential, default)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the run's)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the run's)")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help="comma separated known or shipped metric names or formulas (default %(default)s)")
+    p.set_defaults(func=cmd_rescore)
 
     p = sub.add_parser("export", help="write the best trees of a run in the Pruner-Zero JSON format")
     p.add_argument("run", help="run folder (runs/NAME)")

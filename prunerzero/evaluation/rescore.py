@@ -1,0 +1,172 @@
+"""Validation re-score: a search's best metrics and the known ones, measured again on validation
+windows the search never used, before one of them is shipped.
+
+A search picks its best on a small fitness text, so its top ranks are partly chosen by that text's
+noise (``docs/campaign.md``: a 2:4 metric 3.1% better than Wanda on 8 x 512 fitness tokens lost by
+5.66% on the test split). The re-score measures the top ``top`` trees of the hall of fame and the
+baselines on other windows of the same validation text: longer ones (2048 tokens, as the test is
+measured), none sharing a token with the run's fitness windows or with any calibration window,
+and by default with X collected block by block on the partly pruned model, as the final pruning
+does. The test split is not touched: it stays for the final table.
+
+One JSON file per re-score setting in ``RUN/rescore/``, rewritten after every tree (atomically):
+a stopped re-score resumes where it was and measures nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from prunerzero.data import unused_tokens
+from prunerzero.errors import UserError
+from prunerzero.files import read_json, write_json
+from prunerzero.fitness.model_fitness import ModelFitness
+from prunerzero.primitives.known import resolve_tree
+from prunerzero.primitives.tree import Tree
+from prunerzero.search import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+RESCORE_DIR = "rescore"
+DEFAULT_BASELINES = ("wanda", "ria", "pruner-zero")
+
+
+@dataclass(frozen=True)
+class RescoreSettings:
+    """What a re-score measures: the top ``top`` trees and ``baselines`` on ``windows`` x ``seqlen``
+    unused validation tokens, pruned with statistics ``stats_mode`` from a calibration of ``nsamples`` x
+    ``calib_seqlen`` windows (None: the run's)."""
+
+    top: int = 10
+    windows: int = 8
+    seqlen: int = 2048
+    stats_mode: str = "sequential"
+    nsamples: int | None = None
+    calib_seqlen: int | None = None
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise UserError(f"--top must be at least 1, got {self.top}")
+        if self.windows < 1:
+            raise UserError(f"--windows must be at least 1, got {self.windows}")
+        if self.seqlen < 2:
+            raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.stats_mode not in ("once", "sequential"):
+            raise UserError(f"--stats must be once or sequential, not {self.stats_mode!r}")
+        for value, flag in ((self.nsamples, "--nsamples"), (self.calib_seqlen, "--calib-seqlen")):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        for name in self.baselines:
+            resolve_tree(name)  # a clear error for an unknown name, before anything loads
+
+    def key(self) -> str:
+        """The record's name: everything a measured perplexity depends on besides the tree."""
+        d = asdict(self)
+        d.pop("top"), d.pop("baselines")  # more trees or baselines extend the same record
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rescore_path(run_dir: Path, settings: RescoreSettings) -> Path:
+    return Path(run_dir) / RESCORE_DIR / f"{settings.key()}.json"
+
+
+def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str, Any]:
+    """Measure (or finish measuring) the re-score of a metric search; returns the record."""
+    from prunerzero.runs import fitness_settings  # runs imports the evaluation modules
+
+    run_dir = Path(run_dir)
+    if cfg.search.space == "allocation":
+        raise UserError(f"{run_dir} searched allocation functions, not metrics; there is nothing to re-score")
+    if cfg.evaluator.type == "reconstruction":
+        raise UserError(f"{run_dir} used the reconstruction fitness (no model, no text); re-score needs a model run")
+    state, _ = ckpt.load_checkpoint(run_dir)
+    top = ckpt.export_trees(state, settings.top)["trees"]
+    if not top:
+        raise UserError(f"{run_dir} has no evaluated metric yet")
+    run_fit = fitness_settings(cfg)
+    calib = replace(run_fit.calibration, nsamples=settings.nsamples or run_fit.calibration.nsamples,
+                    seqlen=settings.calib_seqlen or run_fit.calibration.seqlen)
+    fit_settings = replace(run_fit, calibration=calib, seqlen=settings.seqlen, windows=settings.windows,
+                           stats_mode=settings.stats_mode)
+    path = rescore_path(run_dir, settings)
+    record = _load(path) or {
+        "run": cfg.name, "what": "perplexity on validation windows the search never used (lower is better)",
+        "text": f"{run_fit.text}:{run_fit.split}", "windows": settings.windows, "seqlen": settings.seqlen,
+        "stats_mode": settings.stats_mode, "calibration": calib.key(), "pattern": run_fit.pattern,
+        "sparsity": run_fit.sparsity,
+        "avoids": {"fitness": {"windows": run_fit.windows, "seqlen": run_fit.seqlen},
+                   "calibrations": [run_fit.calibration.key(), calib.key()]},
+        "trees": {}, "baselines": {}}
+    # baselines first: a re-score stopped early still compares what it measured with them
+    wanted = [(str(resolve_tree(name)), "baselines", {"name": name}) for name in settings.baselines]
+    wanted += [(r["formula"], "trees", {"rank": r["rank"], "fitness": r["fitness"], "generation": r["generation"]})
+               for r in top]
+    todo = [w for w in wanted if w[0] not in record[w[1]]]
+    log.info("re-score of %s: %d trees and %d baselines, %d already measured; %d x %d unused %s tokens, %s statistics",
+             run_dir, len(top), len(settings.baselines), len(wanted) - len(todo), settings.windows, settings.seqlen,
+             record["text"], settings.stats_mode)
+    if todo:
+        uses_g = any("G" in Tree.parse(formula).terminals for formula, _, _ in todo)
+        fitness = ModelFitness(fit_settings, run_dir, gradients=uses_g)
+        c = calib
+        fitness.tokens = unused_tokens(
+            fitness.tokenizer, run_fit.text, run_fit.split, settings.seqlen, settings.windows,
+            (run_fit.seqlen, run_fit.windows),
+            [_calib_tuple(run_fit.calibration), _calib_tuple(c)], c.data_dir)
+        for i, (formula, group, info) in enumerate(todo, 1):
+            start = time.perf_counter()
+            twin = record["trees" if group == "baselines" else "baselines"].get(formula)
+            if twin is not None:  # a baseline among the top trees is measured once
+                entry = {**info, **{k: twin[k] for k in ("perplexity", "seconds", "reason") if k in twin}}
+            else:
+                result = fitness.evaluate(Tree.parse(formula))
+                entry = {**info, "perplexity": result.fitness if result.reason is None else None,
+                         "seconds": round(time.perf_counter() - start, 1)}
+                if result.reason is not None:
+                    entry["reason"] = result.reason
+            record[group][formula] = entry
+            write_json(path, record)
+            log.info("[%d/%d] %s %s: %s (%.0f s)", i, len(todo), group[:-1], info.get("name") or f"#{info['rank']}",
+                     "cannot rank" if entry["perplexity"] is None else f"{entry['perplexity']:.3f}", entry["seconds"])
+    return record
+
+
+def _calib_tuple(c: Any) -> tuple[str, str | None, int, int, int]:
+    return (c.source, c.split, c.nsamples, c.seqlen, c.seed)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return read_json(path, "re-score record") if path.is_file() else None
+
+
+def format_rescore(record: dict[str, Any]) -> str:
+    """The re-score as a table: each tree's search fitness and re-scored perplexity, and the change
+    against each baseline's re-scored perplexity."""
+    base = {v["name"]: v["perplexity"] for v in record["baselines"].values() if v["perplexity"] is not None}
+    lines = [f"re-score of {record['run']}: {record['windows']} x {record['seqlen']} unused {record['text']} tokens, "
+             f"{record['stats_mode']} statistics, calibration {record['calibration']['nsamples']} x "
+             f"{record['calibration']['seqlen']}",
+             f"{'rank':>4}  {'fitness':>9}  {'re-score':>9}  " + "  ".join(f"{'vs ' + n:>14}" for n in base) + "  formula"]
+    for name, ppl in base.items():
+        lines.append(f"{'':>4}  {'':>9}  {ppl:>9.3f}  " + "  ".join(f"{'':>14}" for _ in base) + f"  {name}")
+    for formula, r in sorted(record["trees"].items(), key=lambda kv: kv[1]["rank"]):
+        ppl = r["perplexity"]
+        if ppl is None:
+            lines.append(f"{r['rank']:>4}  {r['fitness']:>9.3f}  {'-':>9}  {r.get('reason', '')}  {formula}")
+            continue
+        gaps = "  ".join(f"{100 * (ppl / b - 1):>+13.2f}%" for b in base.values())
+        lines.append(f"{r['rank']:>4}  {r['fitness']:>9.3f}  {ppl:>9.3f}  {gaps}  {formula}")
+    return "\n".join(lines)
+
+
+def best_rescored(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The tree with the lowest re-scored perplexity, or None if none was measured."""
+    measured = [(f, r) for f, r in record["trees"].items() if r["perplexity"] is not None]
+    return min(measured, key=lambda fr: fr[1]["perplexity"]) if measured else None

@@ -1,0 +1,95 @@
+"""Validation re-score: unused windows, resumable records, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from prunerzero import data
+from prunerzero.cli import main
+from prunerzero.errors import UserError
+from prunerzero.evaluation import rescore
+from prunerzero.fitness.model_fitness import ModelFitness
+from prunerzero.primitives.known import KNOWN_METRICS
+from prunerzero.search import checkpoint as ckpt
+from tests.conftest import local_data, tiny_model_folder
+
+
+def test_unused_windows_share_no_token_with_the_fitness_or_any_calibration(monkeypatch):
+    n = 20000
+    monkeypatch.setattr(data, "joined_tokens", lambda *a, **k: torch.arange(n))  # a token id is its position
+    run_calib, other_calib = ("wikitext2", None, 8, 256, 3), ("wikitext2", "validation", 6, 512, 0)
+    fitness = data.fitness_tokens(None, "wikitext2", "validation", 128, 10, run_calib)
+    unused = data.unused_tokens(None, "wikitext2", "validation", 1024, 5, (128, 10), [run_calib, other_calib])
+    assert unused.numel() == 5 * 1024
+    used = set(fitness.tolist())
+    for calib in (run_calib, other_calib):
+        used |= set(data.calibration_windows(None, "wikitext2", calib[2], calib[3], calib[4]).flatten().tolist())
+    assert not used & set(unused.tolist())
+    for w in unused.reshape(5, 1024):  # each window is contiguous text
+        assert torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 1024))
+    with pytest.raises(UserError, match="room for only"):
+        data.unused_tokens(None, "wikitext2", "validation", 1024, 50, (128, 10), [run_calib])
+    # a fitness text apart from the calibration text: the windows follow the fitness tokens
+    after = data.unused_tokens(None, "wikitext2", "validation", 100, 3, (128, 10), [("c4", None, 8, 256, 3)])
+    assert torch.equal(after, torch.arange(1280, 1580))
+    with pytest.raises(UserError, match="needs a run calibrated on it"):
+        data.unused_tokens(None, "wikitext2", "validation", 100, 3, (128, 10), [("c4", None, 8, 256, 3), run_calib])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rescore")
+    model, text = str(tiny_model_folder(root / "model")), str(local_data(root / "data", lines=120))
+    cfg = {"name": "r", "output_dir": str(root / "runs"), "seed": 1, "model": {"name": model, "device": "cpu"},
+           "calibration": {"nsamples": 2, "seqlen": 32, "data_dir": text},
+           "fitness": {"seqlen": 32, "windows": 2},
+           "search": {"population": 4, "generations": 1, "terminals": ["W", "X"], "init_max_depth": 2}}
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["search", "--config", str(root / "c.yaml"), "--no-heldout"]) == 0
+    return root / "runs" / "r"
+
+
+def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run, monkeypatch, capsys):
+    args = ["rescore", str(small_run), "--top", "2", "--windows", "2", "--seqlen", "48", "--baselines", "wanda,magnitude"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "vs wanda" in out and "vs magnitude" in out
+    (path,) = (small_run / rescore.RESCORE_DIR).glob("*.json")
+    record = json.loads(path.read_text())
+    state, _ = ckpt.load_checkpoint(small_run)
+    top = [r["formula"] for r in ckpt.export_trees(state, 2)["trees"]]
+    assert sorted(record["trees"]) == sorted(top)
+    assert {v["name"] for v in record["baselines"].values()} == {"wanda", "magnitude"}
+    assert record["baselines"][KNOWN_METRICS["wanda"].formula]["perplexity"] > 1
+    assert record["stats_mode"] == "sequential" and record["seqlen"] == 48
+    # a second call measures nothing again; one more baseline extends the same record
+    measured = []
+    monkeypatch.setattr(ModelFitness, "evaluate", lambda self, tree, budget=None: measured.append(str(tree)) or
+                        pytest.fail("measured twice"))
+    assert main(args) == 0 and measured == []
+    monkeypatch.undo()
+    assert main(args[:-1] + ["wanda,magnitude,ria"]) == 0
+    assert len(json.loads(path.read_text())["baselines"]) == 3 and len(list(path.parent.glob("*.json"))) == 1
+    # other windows or statistics are another record
+    assert main(args + ["--stats", "once"]) == 0 and len(list(path.parent.glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--top", "0"], "--top must be at least 1"),
+    (["--windows", "0"], "--windows must be at least 1"),
+    (["--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--baselines", "wanda,nosuchmetric"], "nosuchmetric"),
+    (["--windows", "5000"], "room for only"),
+])
+def test_rescore_refuses_bad_input_with_one_clear_line(small_run, capsys, extra, words):
+    assert main(["rescore", str(small_run), "--seqlen", "48", *extra]) == 2
+    assert words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_rescore_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["rescore", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
