@@ -7,6 +7,10 @@ Choosing uses validation text only: the test split is not read here.
 
     python benchmarks/ship_metric.py runs/discover-2of4 --name NAME --config configs/discover-2of4.yaml \\
         --record results/searches/discover-2of4.json --description "what it is, in words"
+
+With ``--rescore RUN/rescore/KEY.json`` (``prunerzero rescore RUN``), the tree shipped is the one with
+the lowest re-scored perplexity (or ``--rank``), the re-score goes into the file, and a tree that does
+not beat Wanda on the re-score is refused unless ``--even-if-it-loses``.
 """
 
 from __future__ import annotations
@@ -18,24 +22,35 @@ from typing import Any
 
 from prunerzero.config import check_run_name
 from prunerzero.errors import UserError
-from prunerzero.files import write_json
+from prunerzero.evaluation.rescore import best_rescored
+from prunerzero.files import read_json, write_json
 from prunerzero.primitives.known import KNOWN_METRICS, SHIPPED_TREES
 from prunerzero.runs import _run_config
 from prunerzero.search import checkpoint as ckpt
 
 
 def shipped_metric(run: Path, name: str, description: str, config: str, record: str | None,
-                   rank: int = 1, code: str | None = None) -> dict[str, Any]:
+                   rank: int | None = None, code: str | None = None, rescore: Path | None = None,
+                   even_if_it_loses: bool = False) -> dict[str, Any]:
     cfg = _run_config(run)
     if cfg.search.space != "metric":
         raise UserError(f"{run} is an allocation search; ship its allocation file, not a metric")
-    if rank < 1:
+    if rank is not None and rank < 1:
         raise UserError(f"--rank must be 1 or more, got {rank}")
     state, _ = ckpt.load_checkpoint(run)
+    rescored = read_json(rescore, "re-score record") if rescore is not None else None
+    if rescored is not None and rescored.get("run") != cfg.name:
+        raise UserError(f"{rescore} is the re-score of run {rescored.get('run')!r}, not of {cfg.name!r}")
+    if rank is None:
+        picked = best_rescored(rescored) if rescored is not None else None
+        if rescored is not None and picked is None:
+            raise UserError(f"{rescore} has no re-scored tree yet; finish prunerzero rescore {run} first")
+        rank = picked[1]["rank"] if picked else 1
     trees = ckpt.export_trees(state, rank)["trees"]
     if len(trees) < rank:
         raise UserError(f"{run} has {len(trees)} evaluated metrics, fewer than rank {rank}")
     best = trees[rank - 1]
+    validation = _rescore_block(rescored, best["formula"], rescore, even_if_it_loses) if rescored else None
     commit = code or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     f = cfg.fitness
     return {
@@ -47,8 +62,23 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
                      "fitness_text": f"{f.text} {f.split}, {f.windows} x {f.seqlen} tokens",
                      "record": record},
         "reference_fitness": {k: v for k, v in ckpt.reference_fitness(state.cache).items() if k != name},
+        **({"validation_rescore": validation} if validation else {}),
         "trees": [{**best, "rank": 1}],
     }
+
+
+def _rescore_block(record: dict[str, Any], formula: str, path: Path, even_if_it_loses: bool) -> dict[str, Any]:
+    """The chosen tree's re-score beside the baselines'; a tree that loses to Wanda there is refused."""
+    mine = record["trees"].get(formula)
+    if mine is None or mine["perplexity"] is None:
+        raise UserError(f"{path} has no re-scored perplexity for {formula}; re-score it (prunerzero rescore --top N)")
+    baselines = {v["name"]: v["perplexity"] for v in record["baselines"].values()}
+    wanda = baselines.get("wanda")
+    if wanda is not None and mine["perplexity"] >= wanda and not even_if_it_loses:
+        raise UserError(f"{formula} does not beat Wanda on the re-score ({mine['perplexity']:.3f} against {wanda:.3f}); "
+                        "ship nothing, or pass --even-if-it-loses")
+    return {"perplexity": mine["perplexity"], "baselines": baselines, "record": str(path),
+            **{k: record[k] for k in ("text", "windows", "seqlen", "stats_mode", "calibration")}}
 
 
 def main() -> int:
@@ -58,7 +88,10 @@ def main() -> int:
     p.add_argument("--description", required=True, help="the formula in words, and why it differs from the known ones")
     p.add_argument("--config", required=True, help="the config the run was started from, as a reader would re-run it")
     p.add_argument("--record", default=None, help="the search's record under results/searches/")
-    p.add_argument("--rank", type=int, default=1, help="ship the hall of fame's entry of this rank (default: the best)")
+    p.add_argument("--rank", type=int, default=None, help="ship the hall of fame's entry of this rank (default: the best "
+                                                         "re-scored with --rescore, else the best fitness)")
+    p.add_argument("--rescore", type=Path, default=None, help="a re-score record (prunerzero rescore RUN): choose by it")
+    p.add_argument("--even-if-it-loses", action="store_true", help="ship a tree that does not beat Wanda on the re-score")
     p.add_argument("--code", default=None, help="the commit the run was made with (default: this checkout's HEAD)")
     p.add_argument("--out-dir", type=Path, default=SHIPPED_TREES)
     p.add_argument("--force", action="store_true", help="replace a shipped metric of the same name")
@@ -70,7 +103,8 @@ def main() -> int:
         out = args.out_dir / f"{args.name}.json"
         if out.exists() and not args.force:
             raise UserError(f"{out} exists; pass --force to replace it")
-        data = shipped_metric(args.run, args.name, args.description, args.config, args.record, args.rank, args.code)
+        data = shipped_metric(args.run, args.name, args.description, args.config, args.record, args.rank, args.code,
+                              args.rescore, args.even_if_it_loses)
     except UserError as err:
         p.error(str(err))
     write_json(out, data)
@@ -79,6 +113,10 @@ def main() -> int:
           f"load with --tree {args.name}" + ("" if args.out_dir == SHIPPED_TREES else f" once in {SHIPPED_TREES}"))
     for ref, r in data["reference_fitness"].items():
         print(f"  {ref:28s} {r['fitness']:.4f}{' (estimated)' if r['estimated'] else ''}")
+    if "validation_rescore" in data:
+        v = data["validation_rescore"]
+        print(f"re-score ({v['windows']} x {v['seqlen']} unused validation tokens): {v['perplexity']:.3f}; "
+              + ", ".join(f"{k} {b:.3f}" for k, b in v["baselines"].items() if b is not None))
     return 0
 
 

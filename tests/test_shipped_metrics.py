@@ -68,3 +68,40 @@ def test_ship_metric_writes_a_loadable_file_and_refuses_known_names_and_overwrit
         refused = ship(*extra)
         assert refused.returncode == 2 and word in refused.stderr.strip().splitlines()[-1], refused.stderr
     assert shipped.read_text() == before and sorted(p.name for p in (tmp_path / "trees").iterdir()) == ["my-metric.json"]
+
+
+def test_ship_metric_with_a_rescore_ships_the_best_rescored_and_refuses_one_that_loses_to_wanda(tmp_path):
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "runs"), **RECON}))
+    assert main(["search", "--config", str(cfg_path), "--no-heldout"]) == 0
+    run = tmp_path / "runs" / "r"
+    state, _ = ckpt.load_checkpoint(run)
+    first, second = ckpt.export_trees(state, 2)["trees"]
+    wanda = KNOWN_METRICS["wanda"].formula
+
+    def record(ppl_first, ppl_second, run_name="r"):
+        path = tmp_path / f"rescore-{ppl_first}-{ppl_second}-{run_name}.json"
+        path.write_text(json.dumps({
+            "run": run_name, "text": "wikitext2:validation", "windows": 8, "seqlen": 2048, "stats_mode": "sequential",
+            "calibration": {"nsamples": 8, "seqlen": 1024}, "baselines": {wanda: {"name": "wanda", "perplexity": 100.0}},
+            "trees": {first["formula"]: {"rank": 1, "fitness": first["fitness"], "perplexity": ppl_first},
+                      second["formula"]: {"rank": 2, "fitness": second["fitness"], "perplexity": ppl_second}}}))
+        return path
+
+    def ship(name, *extra):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ship_metric.py"), str(run), "--config",
+                               str(cfg_path), "--description", "d", "--out-dir", str(tmp_path / "trees"), "--name", name,
+                               *extra], capture_output=True, text=True, cwd=ROOT)
+
+    done = ship("second-wins", "--rescore", str(record(99.0, 95.0)))
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "trees" / "second-wins.json").read_text())
+    assert data["trees"][0]["formula"] == second["formula"]  # the best re-scored, not the best fitness
+    assert data["validation_rescore"]["perplexity"] == 95.0 and data["validation_rescore"]["baselines"] == {"wanda": 100.0}
+    for extra, word in ((("--rescore", str(record(101.0, 102.0))), "does not beat Wanda"),
+                        (("--rescore", str(record(99.0, 95.0, "other"))), "not of 'r'")):
+        refused = ship("loses", *extra)
+        assert refused.returncode == 2 and word in refused.stderr.strip().splitlines()[-1], refused.stderr
+    assert not (tmp_path / "trees" / "loses.json").exists()
+    kept = ship("loses", "--rescore", str(record(101.0, 102.0)), "--even-if-it-loses")
+    assert kept.returncode == 0 and json.loads((tmp_path / "trees" / "loses.json").read_text())["trees"][0]["rank"] == 1
