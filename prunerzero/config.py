@@ -69,7 +69,6 @@ class FitnessSection:
     seqlen: int = 1024
     windows: int = 2
     stats_mode: str = "once"
-    stats_metric: str = "wanda"  # stats_mode "pruned": X seen while this known metric prunes the model
     # None: every candidate on the full budget. Else one rung of successive halving per batch.
     multi_fidelity: typing.Optional["MultiFidelitySection"] = None
     allocation: typing.Optional[AllocationSection] = None  # null: every layer at `sparsity`
@@ -254,29 +253,14 @@ def _positive(value: float, where: str) -> None:
         raise UserError(f"{where} must be positive, got {value}")
 
 
-# How a candidate's X is taken: from the dense model once per run; re-collected block by block on
-# the partly pruned model for every candidate (the reference); or once per run, block by block on
-# the model as a known metric (fitness.stats_metric) prunes it at the run's pattern and sparsity.
-STATS_MODES = ("once", "sequential", "pruned")
-
-
 def validate(cfg: SearchConfig) -> SearchConfig:
     """Cross-field checks: impossible values are refused with the way out."""
     s, f, e, c = cfg.search, cfg.fitness, cfg.evaluator, cfg.calibration
     check_sparsity(f.sparsity, Pattern.parse(f.pattern))
     if f.split == "test":
         raise UserError("fitness.split must not be 'test': the test split is kept for final reports; use validation")
-    if f.stats_mode not in STATS_MODES:
-        raise UserError(f"fitness.stats_mode must be one of {', '.join(STATS_MODES)}, got {f.stats_mode!r}")
-    if f.stats_mode == "pruned":
-        from prunerzero.primitives.known import KNOWN_METRICS
-
-        if f.stats_metric not in KNOWN_METRICS:
-            raise UserError(f"fitness.stats_metric must be a known metric ({', '.join(KNOWN_METRICS)}), "
-                            f"got {f.stats_metric!r}")
-        if f.allocation is not None:
-            raise UserError("fitness.stats_mode 'pruned' takes X from a uniform pruning; with an allocation use "
-                            "'once' or 'sequential'")
+    if f.stats_mode not in ("once", "sequential"):
+        raise UserError(f"fitness.stats_mode must be 'once' or 'sequential', got {f.stats_mode!r}")
     if s.algorithm not in ("generational", "steady_state"):
         raise UserError(f"search.algorithm must be 'generational' or 'steady_state', got {s.algorithm!r}")
     if e.type not in ("inprocess", "ray", "reconstruction"):

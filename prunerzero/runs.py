@@ -56,7 +56,6 @@ def fitness_settings(cfg: SearchConfig, resolve_device: bool = True) -> FitnessS
         model=cfg.model.name, sparsity=f.sparsity, pattern=f.pattern,
         calibration=Calibration(c.source, c.split, c.nsamples, c.seqlen, c.seed, c.data_dir),
         text=f.text, split=f.split, seqlen=f.seqlen, windows=f.windows, stats_mode=f.stats_mode,
-        stats_metric=f.stats_metric if f.stats_mode == "pruned" else None,
         device=pick_device(cfg.model.device) if resolve_device else cfg.model.device, **alloc,
     )
 

@@ -101,39 +101,6 @@ def test_mask_key_is_order_independent_and_content_sensitive():
     assert mask_key(m) != mask_key({"a": m["b"], "b": m["a"]})
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_pruned_mode_scores_its_own_metric_exactly_as_the_reference_and_restores_bitwise(tmp_path, pattern):
-    model = tiny_llama()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    common = dict(model="tiny", calibration=Calibration(nsamples=2, seqlen=32), seqlen=32, windows=2, pattern=pattern)
-    src = SimpleNamespace(fingerprint="tiny-test")
-    pruned = ModelFitness(FitnessSettings(**common, stats_mode="pruned", stats_metric="wanda"), tmp_path, model,
-                          CharTokenizer(), src)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored after the pass
-    once = ModelFitness(FitnessSettings(**common), tmp_path, model, CharTokenizer(), src)
-    assert len(list(tmp_path.glob("activations-*"))) == 2  # kept apart from the dense model's X
-    names = list(pruned.activations)
-    assert torch.equal(pruned.activations[names[0]], once.activations[names[0]])  # the first layer sees dense input
-    assert not torch.equal(pruned.activations[names[-1]], once.activations[names[-1]])
-    # Wanda scored with the X it saw while pruning is the reference (sequential) Wanda, to the last digit
-    wanda = Tree.parse("mul(abs(W), sqrt(X))")
-    result = pruned.evaluate(wanda)
-    prune_model(model, "tree", 0.5, Pattern.parse(pattern), windows=Calibration(nsamples=2, seqlen=32).windows(
-        CharTokenizer()), tree=wanda)
-    ppl, _ = perplexity(model, pruned.tokens, 32, 2, progress=False)
-    assert ppl == pytest.approx(result.fitness, rel=1e-5)
-
-
-def test_pruned_mode_settings_are_checked():
-    with pytest.raises(UserError, match="only of it"):
-        FitnessSettings(stats_mode="pruned")
-    with pytest.raises(UserError, match="only of it"):
-        FitnessSettings(stats_metric="wanda")
-    with pytest.raises(UserError, match="stats_mode must be one of"):
-        FitnessSettings(stats_mode="dense")
-    assert "stats_metric" not in FitnessSettings().fingerprint()  # older runs keep their fingerprint
-
-
 def test_fitness_settings_refuse_the_test_split_and_bad_sparsity():
     with pytest.raises(UserError, match="test split"):
         FitnessSettings(split="test")
@@ -233,17 +200,3 @@ def test_a_long_batch_shows_it_is_moving(monkeypatch, caplog):
         assert list(base.with_progress(["a", "b", "c"])) == ["a", "b", "c"]
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(" (")[0] for line in lines] == ["1/3 trees of this batch evaluated", "2/3 trees of this batch evaluated"]
-
-
-def test_a_config_in_pruned_mode_names_a_known_metric_and_no_allocation():
-    from prunerzero.config import config_from_dict, validate
-    from prunerzero.runs import fitness_settings
-
-    cfg = validate(config_from_dict({"fitness": {"stats_mode": "pruned", "pattern": "2:4"}}))
-    assert fitness_settings(cfg, resolve_device=False).stats_metric == "wanda"
-    assert fitness_settings(validate(config_from_dict({})), resolve_device=False).stats_metric is None
-    for fitness, words in (({"stats_mode": "pruned", "stats_metric": "nosuch"}, "must be a known metric"),
-                           ({"stats_mode": "pruned", "allocation": {"method": "owl"}}, "with an allocation"),
-                           ({"stats_mode": "dense"}, "must be one of once, sequential, pruned")):
-        with pytest.raises(UserError, match=words):
-            validate(config_from_dict({"fitness": fitness}))

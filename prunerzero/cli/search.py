@@ -78,7 +78,6 @@ def cmd_heldout(args: argparse.Namespace) -> None:
 
 def cmd_rescore(args: argparse.Namespace) -> None:
     settings = RescoreSettings(top=args.top, windows=args.windows, seqlen=args.seqlen, stats_mode=args.stats,
-                               stats_metric=args.stats_metric,
                                nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
                                baselines=tuple(b for b in args.baselines.split(",") if b.strip()))
     cfg = _run_config(Path(args.run))
@@ -144,10 +143,9 @@ def register(sub: Any) -> None:
     p.add_argument("--top", type=int, default=10, help="metrics of the hall of fame to re-score (default 10)")
     p.add_argument("--windows", type=int, default=8, help="unused validation windows (default 8)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as the test)")
-    p.add_argument("--stats", choices=("once", "sequential", "pruned"), default="sequential",
-                   help="X from the dense model (once), block by block on the partly pruned one as the final "
-                        "pruning (sequential, default), or seen once while --stats-metric prunes (pruned)")
-    p.add_argument("--stats-metric", default="wanda", help="the known metric of --stats pruned (default wanda)")
+    p.add_argument("--stats", choices=("once", "sequential"), default="sequential",
+                   help="X from the dense model (once) or block by block on the partly pruned one, as the final "
+                        "pruning (sequential, default)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the run's)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the run's)")
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),

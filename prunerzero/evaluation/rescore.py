@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prunerzero.config import STATS_MODES
 from prunerzero.data import unused_tokens
 from prunerzero.errors import UserError
 from prunerzero.files import read_json, write_json
@@ -48,7 +47,6 @@ class RescoreSettings:
     windows: int = 8
     seqlen: int = 2048
     stats_mode: str = "sequential"
-    stats_metric: str = "wanda"  # stats_mode "pruned" only
     nsamples: int | None = None
     calib_seqlen: int | None = None
     baselines: tuple[str, ...] = DEFAULT_BASELINES
@@ -60,8 +58,8 @@ class RescoreSettings:
             raise UserError(f"--windows must be at least 1, got {self.windows}")
         if self.seqlen < 2:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
-        if self.stats_mode not in STATS_MODES:
-            raise UserError(f"--stats must be one of {', '.join(STATS_MODES)}, not {self.stats_mode!r}")
+        if self.stats_mode not in ("once", "sequential"):
+            raise UserError(f"--stats must be once or sequential, not {self.stats_mode!r}")
         for value, flag in ((self.nsamples, "--nsamples"), (self.calib_seqlen, "--calib-seqlen")):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
@@ -72,8 +70,6 @@ class RescoreSettings:
         """The record's name: everything a measured perplexity depends on besides the tree."""
         d = asdict(self)
         d.pop("top"), d.pop("baselines")  # more trees or baselines extend the same record
-        if self.stats_mode != "pruned":
-            d.pop("stats_metric")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,14 +94,12 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
     calib = replace(run_fit.calibration, nsamples=settings.nsamples or run_fit.calibration.nsamples,
                     seqlen=settings.calib_seqlen or run_fit.calibration.seqlen)
     fit_settings = replace(run_fit, calibration=calib, seqlen=settings.seqlen, windows=settings.windows,
-                           stats_mode=settings.stats_mode,
-                           stats_metric=settings.stats_metric if settings.stats_mode == "pruned" else None)
+                           stats_mode=settings.stats_mode)
     path = rescore_path(run_dir, settings)
     record = _load(path) or {
         "run": cfg.name, "what": "perplexity on validation windows the search never used (lower is better)",
         "text": f"{run_fit.text}:{run_fit.split}", "windows": settings.windows, "seqlen": settings.seqlen,
-        "stats_mode": settings.stats_mode if settings.stats_mode != "pruned" else f"pruned by {settings.stats_metric}",
-        "calibration": calib.key(), "pattern": run_fit.pattern,
+        "stats_mode": settings.stats_mode, "calibration": calib.key(), "pattern": run_fit.pattern,
         "sparsity": run_fit.sparsity,
         "avoids": {"fitness": {"windows": run_fit.windows, "seqlen": run_fit.seqlen},
                    "calibrations": [run_fit.calibration.key(), calib.key()]},

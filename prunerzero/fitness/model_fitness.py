@@ -9,10 +9,6 @@ Statistics modes:
   run folder; a candidate costs its masks plus the fitness forward pass.
 - ``sequential``: the reference procedure; X is re-collected block by block on the partly pruned
   model for every candidate (a calibration pass per candidate).
-- ``pruned``: X computed once per run, block by block on the model as a known metric
-  (``stats_metric``, default Wanda) prunes it at the run's pattern and sparsity, then the model is
-  restored. Costs as ``once``; its X is what the reference procedure shows a metric near the known
-  one, where the dense model's X is not (at 2:4 the damage reaches the later blocks' inputs).
 """
 
 from __future__ import annotations
@@ -28,14 +24,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from prunerzero.config import STATS_MODES
 from prunerzero.data import fitness_tokens
 from prunerzero.errors import UserError
 from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key, with_progress
 from prunerzero.memory import keep_freed_memory
 from prunerzero.models import load_model, prunable_linears, resolve_model
-from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, Allocation, exact_counts, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
@@ -85,7 +79,6 @@ class FitnessSettings:
     seqlen: int = 1024
     windows: int = 2  # token budget = windows * seqlen
     stats_mode: str = "once"
-    stats_metric: str | None = None  # stats_mode "pruned": the known metric whose pruning X is seen under
     device: str = "cpu"
     # Fitness windows avoid every calibration window (same text). False only in fingerprints of
     # runs written before this was the rule, which resume then refuses.
@@ -103,16 +96,12 @@ class FitnessSettings:
             raise UserError(f"allocation must be uniform or owl, not {self.allocation!r}")
         if self.allocation is not None and Pattern.parse(self.pattern).structured:
             raise UserError(f"a layerwise allocation needs unstructured sparsity, not {self.pattern}")
-        if self.stats_mode not in STATS_MODES:
-            raise UserError(f"stats_mode must be one of {', '.join(STATS_MODES)}, not {self.stats_mode!r}")
-        if (self.stats_mode == "pruned") != (self.stats_metric is not None):
-            raise UserError("stats_metric names the known metric of stats_mode 'pruned', and only of it")
+        if self.stats_mode not in ("once", "sequential"):
+            raise UserError(f"stats_mode must be 'once' or 'sequential', not {self.stats_mode!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("device")
-        if self.stats_metric is None:  # runs in the other modes keep the fingerprint they always had
-            d.pop("stats_metric")
         if self.allocation is None:  # runs without an allocation keep the fingerprint they always had
             for key in ("allocation", "owl_m", "owl_lambda", "sparsity_range"):
                 d.pop(key)
@@ -131,9 +120,7 @@ def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint
     """(activations file, gradients file) where a run keeps X and G for these settings."""
     fingerprint = fingerprint or resolve_model(settings.model).fingerprint
     calib = settings.calibration.key()
-    pruned = ({} if settings.stats_mode != "pruned" else
-              {"pruned_by": settings.stats_metric, "pattern": settings.pattern, "sparsity": settings.sparsity})
-    acts = cache_key(kind="activations", model=fingerprint, **calib, **pruned)
+    acts = cache_key(kind="activations", model=fingerprint, **calib)
     grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=fingerprint, **calib)
     return Path(run_dir) / f"activations-{acts}.safetensors", Path(run_dir) / f"gradients-{grads}.safetensors"
 
@@ -153,12 +140,6 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
         windows = settings.calibration.windows(tokenizer)
     if path.is_file():
         acts = load_tensors_mapped(path)
-    elif settings.stats_mode == "pruned":
-        acts = activations_under_pruning(model, source, windows, settings, Path(run_dir))
-        save_tensors_atomic(acts, path, metadata={"model": settings.model, "pruned_by": settings.stats_metric,
-                                                  "pattern": settings.pattern, "sparsity": str(settings.sparsity)})
-        log.info("activation statistics of %d layers, seen while %s pruned the model, stored in %s", len(acts),
-                 settings.stats_metric, path)
     else:
         acts = collect_activation_norms(model, windows)
         save_tensors_atomic(acts, path, metadata={"model": settings.model})
@@ -170,22 +151,6 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
     if not grads_path.is_file():
         gradients_for(model, source, windows, settings.calibration, Path(run_dir))  # computed and stored
     return acts, stream_gradients(grads_path, model)
-
-
-def activations_under_pruning(model: torch.nn.Module, source: Any, windows: torch.Tensor, settings: FitnessSettings,
-                              run_dir: Path) -> dict[str, torch.Tensor]:
-    """X of every layer as the reference procedure sees it while ``settings.stats_metric`` prunes the
-    model (block by block, at the run's pattern and sparsity); the model is restored exactly after."""
-    tree = KNOWN_METRICS[settings.stats_metric].tree
-    grads = gradients_for(model, source, windows, settings.calibration, run_dir) if "G" in tree.terminals else None
-    seen: dict[str, torch.Tensor] = {}
-    removed = Removed()
-    try:
-        prune_model(model, "tree", settings.sparsity, Pattern.parse(settings.pattern), windows=windows, tree=tree,
-                    gradients=grads, removed=removed, seen_activations=seen)
-    finally:
-        removed.restore(model)
-    return seen
 
 
 @contextmanager

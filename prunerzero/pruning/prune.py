@@ -297,12 +297,8 @@ def prune_model(
     activations: Mapping[str, torch.Tensor] | None = None,
     removed: Removed | None = None,
     allocation: Allocation | None = None,
-    seen_activations: dict[str, torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and report what was done.
-
-    ``seen_activations`` given: the X of every layer, as the sequential pass saw it on the partly
-    pruned model, is stored in it (the fitness's ``pruned`` statistics mode).
 
     ``allocation`` given (unstructured only): each layer prunes exactly its count of weights
     instead of ``sparsity`` of them (SparseGPT: its ratio).
@@ -334,7 +330,7 @@ def prune_model(
         raise UserError(f"{'tree ' + str(tree) if tree else method} uses G: gradients are needed")
     start = time.perf_counter()
     names = {id(m): n for n, m in model.named_modules()}
-    if ("X" in needs and activations is None) or "H" in needs or seen_activations is not None:
+    if ("X" in needs and activations is None) or "H" in needs:
         if windows is None:
             raise UserError(f"method {method} needs calibration windows (--nsamples, --seqlen)")
         bar = tqdm(desc=f"prune {method}", unit="block")
@@ -342,8 +338,6 @@ def prune_model(
         def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStatistics]) -> bool:
             for short, lin in linears.items():
                 name = names[id(lin)]
-                if seen_activations is not None:
-                    seen_activations[name] = stats[short].scaler_row.clone()
                 if "H" in needs:
                     ratio = sparsity if allocation is None else allocation.ratios[name]
                     lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, ratio, pattern)
