@@ -76,6 +76,10 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
     assert len(json.loads(path.read_text())["baselines"]) == 3 and len(list(path.parent.glob("*.json"))) == 1
     # other windows or statistics are another record
     assert main(args + ["--stats", "once"]) == 0 and len(list(path.parent.glob("*.json"))) == 2
+    # sequential statistics under another calibration: the dense model's X is never collected for it
+    stored = sorted(p.name for p in small_run.glob("activations-*"))
+    assert main(args + ["--nsamples", "1"]) == 0 and len(list(path.parent.glob("*.json"))) == 3
+    assert sorted(p.name for p in small_run.glob("activations-*")) == stored
 
 
 @pytest.mark.parametrize("extra, words", [

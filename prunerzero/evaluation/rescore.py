@@ -114,7 +114,8 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
              record["text"], settings.stats_mode)
     if todo:
         uses_g = any("G" in Tree.parse(formula).terminals for formula, _, _ in todo)
-        fitness = ModelFitness(fit_settings, run_dir, gradients=uses_g)
+        # sequential statistics re-collect X per tree: the dense model's X is not needed
+        fitness = ModelFitness(fit_settings, run_dir, gradients=uses_g, activations=settings.stats_mode == "once")
         c = calib
         fitness.tokens = unused_tokens(
             fitness.tokenizer, run_fit.text, run_fit.split, settings.seqlen, settings.windows,

@@ -126,20 +126,25 @@ def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint
 
 
 def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, settings: FitnessSettings,
-                       run_dir: Path, gradients: bool = True) -> tuple[dict[str, torch.Tensor], Mapping[str, torch.Tensor]]:
+                       run_dir: Path, gradients: bool = True,
+                       activations: bool = True) -> tuple[dict[str, torch.Tensor], Mapping[str, torch.Tensor]]:
     """(X, G) of the dense model, computed once and stored in the run folder (safetensors);
     later calls, and every Ray worker, load them. ``gradients=False`` (nothing the run evaluates
     reads G): G is neither computed nor loaded, and an empty mapping stands for it.
+    ``activations=False`` (sequential statistics and no need for probes): the dense model's X is
+    not collected unless already stored, and an empty mapping stands for it.
 
     On a CPU, G (as large as the model) is then read from its file a layer at a time as scores
     need it: a worker holds the model and one layer of G, and the file's pages are shared by
     every worker on the machine. An accelerator keeps G in its own memory."""
     path, grads_path = statistics_paths(settings, run_dir, source.fingerprint)
     windows = None
-    if not path.is_file() or (gradients and not grads_path.is_file()):
+    if (activations and not path.is_file()) or (gradients and not grads_path.is_file()):
         windows = settings.calibration.windows(tokenizer)
     if path.is_file():
         acts = load_tensors_mapped(path)
+    elif not activations:
+        acts = {}
     else:
         acts = collect_activation_norms(model, windows)
         save_tensors_atomic(acts, path, metadata={"model": settings.model})
@@ -175,8 +180,12 @@ class ModelFitness:
     """One model, its statistics and fitness tokens; evaluates trees one at a time."""
 
     def __init__(self, settings: FitnessSettings, run_dir: str | Path, model: Any = None, tokenizer: Any = None,
-                 source: Any = None, gradients: bool = True):
-        """``gradients=False``: no tree this fitness will see reads G, so G is never computed."""
+                 source: Any = None, gradients: bool = True, activations: bool = True):
+        """``gradients=False``: no tree this fitness will see reads G, so G is never computed.
+        ``activations=False`` (sequential mode only): the dense model's X is not collected, so there
+        are no probe statistics (a re-score needs none; a search's simplifier does)."""
+        if not activations and settings.stats_mode != "sequential":
+            raise ValueError("only a sequential-mode fitness can do without the dense model's X")
         self.settings = settings
         self.pattern = Pattern.parse(settings.pattern)
         keep_freed_memory()  # this process evaluates candidate after candidate: reuse memory
@@ -184,7 +193,7 @@ class ModelFitness:
             model, tokenizer, source = load_model(settings.model, settings.device)
         self.model, self.tokenizer = model, tokenizer
         self.linears = prunable_linears(model)
-        acts, grads = prepare_statistics(model, tokenizer, source, settings, Path(run_dir), gradients)
+        acts, grads = prepare_statistics(model, tokenizer, source, settings, Path(run_dir), gradients, activations)
         dev = next(model.parameters()).device
         self.activations = {k: v.to(dev) for k, v in acts.items()}  # a vector per layer: small
         self.gradients = grads  # on the model's device already; streamed from its file on a CPU
