@@ -66,6 +66,13 @@ class RescoreSettings:
         for name in self.baselines:
             resolve_tree(name)  # a clear error for an unknown name, before anything loads
 
+    def command(self, run: str) -> str:
+        """The command line that makes this re-score of ``runs/RUN``."""
+        extra = "".join(f" {flag} {value}" for flag, value in (("--nsamples", self.nsamples),
+                                                                ("--calib-seqlen", self.calib_seqlen)) if value)
+        return (f"prunerzero rescore runs/{run} --top {self.top} --windows {self.windows} --seqlen {self.seqlen} "
+                f"--stats {self.stats_mode}{extra} --baselines {','.join(self.baselines)}")
+
     def key(self) -> str:
         """The record's name: everything a measured perplexity depends on besides the tree."""
         d = asdict(self)
@@ -103,7 +110,7 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
         "sparsity": run_fit.sparsity,
         "avoids": {"fitness": {"windows": run_fit.windows, "seqlen": run_fit.seqlen},
                    "calibrations": [run_fit.calibration.key(), calib.key()]},
-        "trees": {}, "baselines": {}}
+        "command": settings.command(cfg.name), "trees": {}, "baselines": {}}
     # baselines first: a re-score stopped early still compares what it measured with them
     wanted = [(str(resolve_tree(name)), "baselines", {"name": name}) for name in settings.baselines]
     wanted += [(r["formula"], "trees", {"rank": r["rank"], "fitness": r["fitness"], "generation": r["generation"]})
@@ -116,11 +123,11 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
         uses_g = any("G" in Tree.parse(formula).terminals for formula, _, _ in todo)
         # sequential statistics re-collect X per tree: the dense model's X is not needed
         fitness = ModelFitness(fit_settings, run_dir, gradients=uses_g, activations=settings.stats_mode == "once")
-        c = calib
+        # the windows measured are not the settings' own fitness windows (the search's) but unused ones
         fitness.tokens = unused_tokens(
             fitness.tokenizer, run_fit.text, run_fit.split, settings.seqlen, settings.windows,
             (run_fit.seqlen, run_fit.windows),
-            [_calib_tuple(run_fit.calibration), _calib_tuple(c)], c.data_dir)
+            [_calib_tuple(run_fit.calibration), _calib_tuple(calib)], calib.data_dir)
         for i, (formula, group, info) in enumerate(todo, 1):
             start = time.perf_counter()
             twin = record["trees" if group == "baselines" else "baselines"].get(formula)
