@@ -162,6 +162,9 @@ def reference_fitness(cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+FAR_ABOVE = 3.0  # fitness.png: references above this many times the worst best are named, not drawn
+
+
 def plot_progress(run_dir: Path, state: SearchState) -> None:
     """Best and median fitness per generation, with the known metrics the run measured as dotted lines,
     into the run folder. The axis spans the best and the references (a generation-0 median far above
@@ -180,16 +183,24 @@ def plot_progress(run_dir: Path, state: SearchState) -> None:
     best = [r["best"] for r in rows]
     ax.plot(gens, best, marker="o", label="best so far")
     med = [(r["generation"], r["median"]) for r in rows if r["median"] is not None and r["median"] < WORST_FITNESS]
-    refs = {name: r["fitness"] for name, r in reference_fitness(state.cache).items() if not r["estimated"]}
+    measured = {name: r["fitness"] for name, r in reference_fitness(state.cache).items() if not r["estimated"]}
+    # a reference far above the best (magnitude at 2:4: twenty times Wanda) is named, not drawn
+    refs = {name: v for name, v in measured.items() if v <= FAR_ABOVE * max(best)}
+    far = sorted((v, name) for name, v in measured.items() if name not in refs)
     low = min(best + list(refs.values()))
     top = max([best[0], *refs.values()] + ([med[-1][1]] if med else []))
     top = low + 1.3 * (top - low) if top > low else low * 1.1
+    notes = []
     if med:
         ax.plot(*zip(*med), marker=".", linestyle="--", label="population median")
         above = [(g, m) for g, m in med if m > top]
         if above:
-            ax.text(0.99, 0.98, "median above the axis at generation " + ", ".join(f"{g} ({m:.4g})" for g, m in above[:3])
-                    + (" ..." if len(above) > 3 else ""), transform=ax.transAxes, ha="right", va="top", fontsize=7)
+            notes.append("median above the axis at generation " + ", ".join(f"{g} ({m:.4g})" for g, m in above[:3])
+                         + (" ..." if len(above) > 3 else ""))
+    if far:
+        notes.append("above the axis: " + ", ".join(f"{name} {v:.4g}" for v, name in far))
+    if notes:
+        ax.text(0.99, 0.98, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7)
     for (name, value), color in zip(sorted(refs.items(), key=lambda kv: kv[1]), ("k", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:gray")):
         ax.axhline(value, color=color, linestyle=":", linewidth=1, label=f"{name} {value:.4g}")
     ax.set_ylim(low - 0.05 * (top - low) if top > low else low * 0.9, top)
