@@ -39,12 +39,18 @@ def test_each_shipped_metric_says_how_it_was_found_and_beat_wanda_on_its_fitness
                for r in record["top10"])
 
 
-def test_ship_metric_writes_a_loadable_file_and_refuses_known_names_and_overwrites(tmp_path):
+def small_search(tmp_path):
+    """A finished reconstruction search (seed 3): its config file, run folder and state."""
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "runs"), **RECON}))
     assert main(["search", "--config", str(cfg_path), "--no-heldout"]) == 0
     run = tmp_path / "runs" / "r"
     state, _ = ckpt.load_checkpoint(run)
+    return cfg_path, run, state
+
+
+def test_ship_metric_writes_a_loadable_file_and_refuses_known_names_and_overwrites(tmp_path):
+    cfg_path, run, state = small_search(tmp_path)
     best = state.hall_of_fame(1)[0]
     script = [sys.executable, str(ROOT / "benchmarks" / "ship_metric.py"), str(run), "--config", str(cfg_path),
               "--description", "test metric", "--out-dir", str(tmp_path / "trees")]
@@ -71,11 +77,7 @@ def test_ship_metric_writes_a_loadable_file_and_refuses_known_names_and_overwrit
 
 
 def test_ship_metric_with_a_rescore_ships_the_best_rescored_and_refuses_one_that_loses_to_wanda(tmp_path):
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "runs"), **RECON}))
-    assert main(["search", "--config", str(cfg_path), "--no-heldout"]) == 0
-    run = tmp_path / "runs" / "r"
-    state, _ = ckpt.load_checkpoint(run)
+    cfg_path, run, state = small_search(tmp_path)
     first, second = ckpt.export_trees(state, 2)["trees"]
     wanda = KNOWN_METRICS["wanda"].formula
 
