@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.tasks:
-
         check_tasks(args.tasks.split(","), args.data_dir)
     if args.method:
         check_prune_args(args)
