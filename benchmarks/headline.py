@@ -169,7 +169,8 @@ def gaps(table: str, cols: list[str], values: dict) -> list[str]:
 
 
 def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: list[str], path: Path, title: str,
-              log_scale: bool, digits: int, hlines: Sequence[tuple[float, str]] = ()) -> None:
+              log_scale: bool, digits: int, hlines: Sequence[tuple[float, str]] = (),
+              ylabel: str = "WikiText-2 test perplexity", colors: dict[str, str] | None = None) -> None:
     """Grouped bars, one group per ``groups`` entry and one bar per ``series`` entry, values written on them."""
     import matplotlib
 
@@ -181,7 +182,7 @@ def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: li
     for i, name in enumerate(series):
         xs = [j + i * width for j, g in enumerate(groups) if (g, name) in value]
         ys = [value[(g, name)] for g in groups if (g, name) in value]
-        bars = ax.bar(xs, ys, width, label=name)
+        bars = ax.bar(xs, ys, width, label=name, color=(colors or {}).get(name, f"C{i}"))
         ax.bar_label(bars, labels=[f"{y:.{digits}f}" for y in ys], fontsize=7, padding=2)
     for y, label in hlines:
         ax.axhline(y, color="k", linestyle=":", label=label)
@@ -190,25 +191,38 @@ def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: li
         ax.set_yscale("log")
     else:
         ax.set_ylim(bottom=0)
-    ax.set_ylabel("WikiText-2 test perplexity" + (" (log scale)" if log_scale else ""))
+    ax.set_ylabel(ylabel + (" (log scale)" if log_scale else ""))
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=3 if log_scale else 2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOT_TEXTS = {"wikitext2": ("WikiText-2 test perplexity", COLUMNS, ""),
+              "c4": ("C4 validation perplexity", C4_COLUMNS, "-c4")}
 
 
 def plot(tables: dict, runner: CellRunner, path: Path) -> None:
-    """Bars of the measured WikiText-2 cells, one group per column that has data."""
-    cells = {(r, c): runner.done(cell) for r, c, cell in tables["wikitext2"]}
-    value = {(c, r): rec["ppl"] for (r, c), rec in cells.items() if rec and rec.get("ppl")}
-    rows = [r for r in dict.fromkeys(r for r, _ in cells) if r != "dense" and any(k[1] == r for k in value)]
-    cols = [c for c, *_ in COLUMNS if any((c, r) in value for r in rows)]
-    if cols:
-        dense = [(value[(c, "dense")], f"dense ({c}) {value[(c, 'dense')]:.2f}") for c in cols if (c, "dense") in value]
-        bar_chart(value, cols, rows, path, "SmolLM2-135M, metrics without weight updates; lower is better",
-                  log_scale=True, digits=1, hlines=dense)
+    """Bars of the measured cells, one figure per text (``path``, and ``path`` with ``-c4`` for C4),
+    one group per column that has data, one bar per row (dense as a dotted line)."""
+    every_row = [r for r in dict.fromkeys(r for r, _, _ in tables["wikitext2"]) if r != "dense"]
+    for table, (ylabel, columns, suffix) in PLOT_TEXTS.items():
+        cells = {(r, c): runner.done(cell) for r, c, cell in tables[table]}
+        value = {(c, r): rec["ppl"] for (r, c), rec in cells.items() if rec and rec.get("ppl")}
+        rows = [r for r in every_row if any(k[1] == r for k in value)]
+        cols = [c for c, *_ in columns if any((c, r) in value for r in rows)]
+        if not cols:
+            continue
+        # dense does not depend on the column: one line, from its widest measurement
+        dense = [(value[(c, "dense")], f"dense {value[(c, 'dense')]:.2f} ({c})") for c in cols if (c, "dense") in value][:1]
+        kind = "metrics alone and SparseGPT (which also updates the weights it keeps)" if "sparsegpt" in rows \
+            else "metrics without weight updates"
+        bar_chart(value, cols, rows, path.with_name(path.stem + suffix + path.suffix),
+                  f"SmolLM2-135M, {kind}; lower is better", log_scale=True, digits=1, hlines=dense, ylabel=ylabel,
+                  colors={r: f"C{i}" for i, r in enumerate(every_row)})  # a row keeps its colour in both figures
 
 
 def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
