@@ -128,11 +128,16 @@ def known_masks(state: SearchState, cfg: SearchConfig) -> dict[str, float]:
 
 
 def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, generations: int | None = None,
-               evaluator: Evaluator | None = None) -> SearchState:
-    """Start or continue the search of ``cfg`` in ``cfg.run_dir``; checkpoint after every generation."""
+               evaluator: Evaluator | None = None, max_minutes: float | None = None) -> SearchState:
+    """Start or continue the search of ``cfg`` in ``cfg.run_dir``; checkpoint after every generation.
+    With ``max_minutes``, no generation is begun once that much time has passed since the call
+    (loading included): the run stops at a checkpoint, short of its generations, and resumes exactly."""
+    if max_minutes is not None and not 0 < max_minutes < float("inf"):
+        raise UserError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     run_dir = cfg.run_dir
     with ckpt.run_lock(run_dir):
-        return _run_search_locked(cfg, resume, force, generations, evaluator)
+        return _run_search_locked(cfg, resume, force, generations, evaluator, deadline)
 
 
 # Config keys a resumed run may change without --force: how long it runs, where and how fast it
@@ -150,7 +155,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations: int | None,
-                       evaluator: Evaluator | None) -> SearchState:
+                       evaluator: Evaluator | None, deadline: float | None = None) -> SearchState:
     run_dir = cfg.run_dir
     fp = fingerprint(cfg)
     state = None
@@ -187,9 +192,12 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
     try:
         if state is not None:
             evaluator.remember(known_masks(state, cfg))
-        search = GeneticSearch(cfg.search, evaluator, cfg.seed, state, on_generation)
+        search = GeneticSearch(cfg.search, evaluator, cfg.seed, state, on_generation, deadline)
         start = time.perf_counter()
         state = search.run(total)
+        if state.generation < total:
+            log.info("stopped after generation %d of %d: the time budget (--max-minutes) is spent; continue with "
+                     "prunerzero search --resume %s", state.generation, total, run_dir)
         log.info("search %s: %d generations, %d metrics evaluated in %.1f s; hall of fame in %s",
                  cfg.name, state.generation, state.counters["evaluated"], time.perf_counter() - start,
                  run_dir / ckpt.HALL_OF_FAME)

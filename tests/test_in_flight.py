@@ -124,3 +124,13 @@ def test_resume_does_not_count_pending_children_twice(tmp_path):
     search = GeneticSearch(cfg(tmp_path / "x", in_flight=4).search, ReconstructionEvaluator(seed=7), 7, state)
     search.run(1)  # generation 1 is done: the pending are sent again, then dropped, nothing placed
     assert search.state.counters == saved["counters"]
+
+
+def test_in_flight_time_budget_stops_at_a_checkpoint_and_resumes_exactly(tmp_path):
+    full = run_search(cfg(tmp_path / "full", generations=4))
+    split = cfg(tmp_path / "split", generations=4)
+    assert run_search(split, max_minutes=1e-9).generation == 0
+    stopped = run_search(split, resume=True, max_minutes=1e-9)
+    assert stopped.generation == 1 and len(stopped.pending) == 2  # the children in flight wait in the checkpoint
+    resumed = run_search(split, resume=True, evaluator=Scrambled(5))
+    assert same_run(full, resumed)

@@ -342,3 +342,24 @@ def test_a_search_whose_trees_never_read_g_never_computes_it(tmp_path):
     assert all(r["fitness"] < WORST_FITNESS for r in state.cache.values() if "reason" not in r)
     _, files = search("wxg", ["W", "X", "G"])
     assert files == ["activations", "gradients"]
+
+
+@pytest.mark.parametrize("algorithm", ["generational", "steady_state"])
+def test_time_budget_stops_at_a_checkpoint_and_resumes_exactly(tmp_path, algorithm):
+    full = run_search(recon_config(tmp_path / "full", algorithm=algorithm, generations=4))
+    cfg = recon_config(tmp_path / "split", algorithm=algorithm, generations=4)
+    # a budget already spent: each call still completes one generation, then stops at its checkpoint
+    assert run_search(cfg, max_minutes=1e-9).generation == 0
+    assert json.loads((cfg.run_dir / ckpt.STATE).read_text())["generation"] == 0
+    assert run_search(cfg, resume=True, max_minutes=1e-9).generation == 1
+    resumed = run_search(cfg, resume=True)
+    assert resumed.generation == 4
+    assert resumed.log == full.log and resumed.population == full.population
+    assert (cfg.run_dir / ckpt.LOG).read_text() == (tmp_path / "full" / "t" / ckpt.LOG).read_text()
+
+
+@pytest.mark.parametrize("minutes", [0, -1, float("inf"), float("nan")])
+def test_time_budget_must_be_positive_and_finite(tmp_path, minutes):
+    with pytest.raises(UserError, match="--max-minutes must be a positive number"):
+        run_search(recon_config(tmp_path), max_minutes=minutes)
+    assert not (tmp_path / "t").exists()

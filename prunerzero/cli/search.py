@@ -55,9 +55,12 @@ def cmd_search(args: argparse.Namespace) -> None:
         fp = fingerprint(cfg)
         print(json.dumps({"valid": True, "run_dir": str(cfg.run_dir), "fingerprint": fp}, indent=2))
         return
-    state = run_search(cfg, resume=bool(args.resume), force=args.force, generations=args.generations)
+    state = run_search(cfg, resume=bool(args.resume), force=args.force, generations=args.generations,
+                       max_minutes=args.max_minutes)
     for r in ckpt.export_trees(state, 5)["trees"]:
         print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  {r['formula']}")
+    if state.generation < (args.generations if args.generations is not None else cfg.search.generations):
+        return  # stopped by --max-minutes: the held-out evaluation waits for the finished search
     if cfg.heldout is not None and cfg.evaluator.type != "reconstruction" and not args.no_heldout:
         print(format_table(run_heldout(cfg.run_dir, cfg, state), cfg.heldout.texts))
 
@@ -127,6 +130,9 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="resume even if the search space or fitness changed")
     p.add_argument("--dry-run", action="store_true", help="validate the config and exit, loading nothing")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation at the end")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="begin no generation after this many minutes (loading included): the run stops at a "
+                        "checkpoint and --resume continues it exactly; for runs split across sessions or jobs")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("heldout", help="held-out perplexity of a run's best metrics and the baselines (resumable)")

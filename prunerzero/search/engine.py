@@ -168,8 +168,9 @@ class GeneticSearch:
     """Runs generations of a search, updating a :class:`SearchState`."""
 
     def __init__(self, params: SearchSection, evaluator: Evaluator, seed: int, state: SearchState | None = None,
-                 on_generation: Callable[[SearchState], None] | None = None):
+                 on_generation: Callable[[SearchState], None] | None = None, deadline: float | None = None):
         self.p = params
+        self.deadline = deadline  # time.monotonic() after which no generation is begun
         self.evaluator = evaluator
         self.seed = seed
         self.state = state or SearchState()
@@ -439,9 +440,16 @@ class GeneticSearch:
                     self._log(self.state.generation, before, time.perf_counter() - start)
                     if self.on_generation:
                         self.on_generation(self.state)
+                    if self.out_of_time():
+                        break  # the children in flight are in state.pending: a resume sends them again
                     start, before = time.perf_counter(), dict(self.state.counters)
         finally:
             self.evaluator.drop_submitted()  # those still out are in state.pending: sent again on resume
+
+    def out_of_time(self) -> bool:
+        """Past the deadline: stop at this generation's checkpoint (``--max-minutes``); a resume goes
+        on exactly as an uninterrupted run would."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def _assign(self, pop: Sequence[Individual]) -> None:
         for ind in pop:
@@ -468,6 +476,8 @@ class GeneticSearch:
             self._log(gen, before, time.perf_counter() - start)
             if self.on_generation:
                 self.on_generation(self.state)
+            if self.out_of_time():
+                break
             if self.p.in_flight:  # after the initial population: no generation barrier
                 self._run_in_flight(generations)
         return self.state
