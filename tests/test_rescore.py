@@ -72,8 +72,10 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
                         pytest.fail("measured twice"))
     assert main(args) == 0 and measured == []
     monkeypatch.undo()
-    assert main(args[:-1] + ["wanda,magnitude,ria"]) == 0
-    assert len(json.loads(path.read_text())["baselines"]) == 3 and len(list(path.parent.glob("*.json"))) == 1
+    # a formula's own commas do not split it
+    assert main(args[:-1] + ["wanda,magnitude,mul(W, X)"]) == 0
+    baselines = json.loads(path.read_text())["baselines"]
+    assert len(baselines) == 3 and {v["name"] for v in baselines.values()} >= {"wanda", "magnitude"} and len(list(path.parent.glob("*.json"))) == 1
     # other windows or statistics are another record
     assert main(args + ["--stats", "once"]) == 0 and len(list(path.parent.glob("*.json"))) == 2
     # sequential statistics under another calibration: the dense model's X is never collected for it
@@ -88,6 +90,7 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
     (["--nsamples", "0"], "--nsamples must be at least 1"),
     (["--baselines", "wanda,nosuchmetric"], "nosuchmetric"),
     (["--windows", "5000"], "room for only"),
+    (["--baselines", "wanda,mul(W, X"], "unbalanced '('"),
 ])
 def test_rescore_refuses_bad_input_with_one_clear_line(small_run, capsys, extra, words):
     assert main(["rescore", str(small_run), "--seqlen", "48", *extra]) == 2

@@ -28,6 +28,23 @@ from prunerzero.pruning.stats import collect_activation_norms, load_gradients
 log = logging.getLogger(__name__)
 
 
+def metric_list(text: str) -> tuple[str, ...]:
+    """Split a comma separated list of metric names or formulas at the commas outside parentheses,
+    so ``wanda,mul(W, sqrt(X))`` is two metrics, not three fragments."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise UserError(f"unbalanced ')' at character {i + 1} of {text!r}; check the formula's parentheses")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise UserError(f"unbalanced '(' in {text!r}; check the formula's parentheses")
+    items.append(text[start:])
+    return tuple(s.strip() for s in items if s.strip())
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)

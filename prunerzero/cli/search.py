@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prunerzero.cli.common import metric_list
 from prunerzero.config import LIMITS, HeldoutSection, config_from_dict, load_config, validate
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
@@ -82,7 +83,7 @@ def cmd_heldout(args: argparse.Namespace) -> None:
 def cmd_rescore(args: argparse.Namespace) -> None:
     settings = RescoreSettings(top=args.top, windows=args.windows, seqlen=args.seqlen, stats_mode=args.stats,
                                nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
-                               baselines=tuple(b for b in args.baselines.split(",") if b.strip()))
+                               baselines=metric_list(args.baselines))
     cfg = _run_config(Path(args.run))
     print(format_rescore(rescore_run(Path(args.run), cfg, settings)))
 
