@@ -117,6 +117,7 @@ class SearchSection:
     steps_per_generation: int = 10  # steady state: children bred per generation (the checkpoint unit)
     batch: typing.Optional[int] = None  # steady state: children bred between replacements (1: the paper's; null: a generation's)
     in_flight: typing.Optional[int] = None  # steady state without barrier: children out for evaluation at once
+    distinct_masks: bool = False  # steady state: a child that prunes exactly as a member (same masks) replaces no one else
     regenerate_attempts: int = 5
     space: str = "metric"  # metric: evolve pruning metrics; allocation: evolve per-layer sparsity functions
     metric: str = "wanda"  # allocation space: the fixed metric (a known name, shipped name or formula)
@@ -294,6 +295,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
         raise UserError(f"search.init_max_depth ({s.init_max_depth}) exceeds search.max_height ({s.max_height})")
     if s.elites >= s.population or s.elites < 0:
         raise UserError(f"search.elites must be within [0, population), got {s.elites}")
+    if s.distinct_masks and s.algorithm != "steady_state":
+        raise UserError("search.distinct_masks needs search.algorithm: steady_state (a generational population is "
+                        "replaced whole); set algorithm: steady_state or remove distinct_masks")
     if s.in_flight is not None:
         if s.algorithm != "steady_state":
             raise UserError("search.in_flight needs search.algorithm: steady_state")

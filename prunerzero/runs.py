@@ -78,8 +78,10 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
     if s.space == "allocation":  # metric searches keep the fingerprint they were written with
         a = cfg.fitness.allocation
         space["allocation"] = {"metric": str(resolve_tree(s.metric)), "lam": a.lam, "m": a.m, "range": list(a.range)}
-    return {"space": space,
-            "fitness": fit, "algorithm": s.algorithm, "seed": cfg.seed}
+    fp = {"space": space, "fitness": fit, "algorithm": s.algorithm, "seed": cfg.seed}
+    if s.distinct_masks:  # runs without it keep the fingerprint they were written with
+        fp["distinct_masks"] = True
+    return fp
 
 
 def make_evaluator(cfg: SearchConfig) -> Evaluator:

@@ -363,3 +363,43 @@ def test_time_budget_must_be_positive_and_finite(tmp_path, minutes):
     with pytest.raises(UserError, match="--max-minutes must be a positive number"):
         run_search(recon_config(tmp_path), max_minutes=minutes)
     assert not (tmp_path / "t").exists()
+
+
+def _twins(state):
+    """Members of the population beyond the first of each mask (0: every member prunes differently)."""
+    keys = [state.cache[simplify(Tree.parse(f)).key]["mask_key"] for f in state.population]
+    return len(keys) - len(set(keys))
+
+
+@pytest.mark.parametrize("search", [
+    {"algorithm": "steady_state", "batch": 2},
+    {"algorithm": "steady_state", "in_flight": 3},
+])
+def test_distinct_masks_keeps_mask_twins_out_of_the_population_and_resumes_exactly(tmp_path, search):
+    opts = dict(search, generations=6, steps_per_generation=6, seed_known_metrics=True, top_k=4,
+                operators=["abs", "sqr", "sqrt", "mul", "div", "add"], terminals=["W", "X"])
+    plain = run_search(recon_config(tmp_path / "plain", **opts))
+    distinct = run_search(recon_config(tmp_path / "distinct", distinct_masks=True, **opts))
+    # formula-distinct copies of one ranking (sqr(W) for abs(W), mul(X, sqr(W)) for Wanda) pile up
+    # without the option; with it, twins bred later never enter: the ones left came with generation 0
+    assert distinct.counters["mask_twins"] > 0 and plain.counters["mask_twins"] == 0
+    assert _twins(plain) > _twins(distinct)
+    initial = [r["mask_key"] for r in distinct.cache.values() if r["generation"] == 0]
+    assert _twins(distinct) <= len(initial) - len(set(initial))
+    assert len(distinct.population) == 12
+    # split in two with --max-minutes, the run is the same line for line
+    split = recon_config(tmp_path / "split", distinct_masks=True, **opts)
+    run_search(split, max_minutes=1e-9)
+    resumed = run_search(split, resume=True)
+    assert resumed.log == distinct.log and resumed.population == distinct.population
+
+
+def test_distinct_masks_needs_the_steady_state_and_is_part_of_the_resume_fingerprint(tmp_path):
+    with pytest.raises(UserError, match="distinct_masks needs search.algorithm: steady_state"):
+        run_search(recon_config(tmp_path / "g", distinct_masks=True))
+    cfg = recon_config(tmp_path, algorithm="steady_state", generations=1)
+    run_search(cfg)
+    changed = recon_config(tmp_path, algorithm="steady_state", generations=2, distinct_masks=True)
+    with pytest.raises(UserError, match="distinct_masks"):
+        run_search(changed, resume=True)
+    assert run_search(changed, resume=True, force=True).generation == 2

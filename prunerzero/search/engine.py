@@ -60,7 +60,7 @@ class SearchState:
     pending: list[str] = field(default_factory=list)  # in-flight steady state: children bred, not yet placed
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("generated", "simplified", "regenerated", "formula_cache_hits", "mask_cache_hits", "evaluated", "degenerate",
-         "promoted", "stopped_low"), 0))
+         "promoted", "stopped_low", "mask_twins"), 0))
 
     def to_json(self) -> dict[str, Any]:
         d = {"generation": self.generation, "population": self.population, "cache": self.cache,
@@ -360,7 +360,7 @@ class GeneticSearch:
             self.evaluate([to_tree(c) for c in children], self.state.generation + 1)
             self._assign(children)
             for child in children:
-                self._replace_worst(pop, child)
+                self._place(pop, child)
             done += len(children)
         return pop
 
@@ -372,6 +372,25 @@ class GeneticSearch:
         child = self._fresh(self._vary(a, b), taken)
         taken.add(self.simplify(to_tree(child)).key)
         return child
+
+    def _place(self, pop: list[Individual], child: Individual) -> None:
+        """Put a scored child into the population in place of the worst member. With
+        ``distinct_masks``, a child that prunes exactly as a member does (same mask hash, hence the
+        same fitness) is a twin: it takes that member's place only if it is the smaller tree, and
+        displaces nobody else. Without this, formula-distinct copies of the best metric (``mul(X,
+        sqr(W))`` for Wanda's ``mul(W, sqrt(X))``) fill the top k, and breeding only recombines them."""
+        if self.p.distinct_masks:
+            mask = self._mask_key(child)
+            twin = next((j for j, m in enumerate(pop) if mask is not None and self._mask_key(m) == mask), None)
+            if twin is not None:
+                self.state.counters["mask_twins"] += 1
+                if (len(child), str(child)) < (len(pop[twin]), str(pop[twin])):
+                    pop[twin] = child
+                return
+        self._replace_worst(pop, child)
+
+    def _mask_key(self, ind: Individual) -> str | None:
+        return self.state.cache[self.simplify(to_tree(ind)).key].get("mask_key")
 
     @staticmethod
     def _replace_worst(pop: list[Individual], child: Individual) -> None:
@@ -427,7 +446,7 @@ class GeneticSearch:
                 if head.tree is not None:
                     self._record(head.key, head.tree, head.result, self.state.generation + 1)
                 head.child.fitness.values = (self.state.cache[head.key]["fitness"],)
-                self._replace_worst(pop, head.child)
+                self._place(pop, head.child)
                 done += 1
                 if time.perf_counter() - shown > 30 and done % steps:
                     shown = time.perf_counter()
