@@ -137,14 +137,21 @@ def markdown(tables: dict, runner: CellRunner) -> str:
         cols = list(dict.fromkeys(c for _, c, _ in cells))
         rows = list(dict.fromkeys(r for r, _, _ in cells))
         values = {(r, c): runner.done(cell) for r, c, cell in cells}
+        spread = name == "seeds"  # the reader wants the mean and how far the seeds lie apart
+        extra = ["mean", "max - min"] if spread else []
         out.append(f"**{heads[name]}**\n")
-        out.append("| metric | " + " | ".join(cols) + " |")
-        out.append("|---|" + "---:|" * len(cols))
+        out.append("| metric | " + " | ".join(cols + extra) + " |")
+        out.append("|---|" + "---:|" * (len(cols) + len(extra)))
         for r in rows:
-            vals = []
+            vals, ppls = [], []
             for c in cols:
                 rec = values.get((r, c))
-                vals.append("-" if rec is None or rec.get("ppl") is None else f"{rec['ppl']:.3f}")
+                ok = rec is not None and rec.get("ppl") is not None
+                vals.append(f"{rec['ppl']:.3f}" if ok else "-")
+                ppls += [rec["ppl"]] if ok else []
+            if spread:
+                whole = len(ppls) == len(cols)
+                vals += [f"{sum(ppls) / len(ppls):.3f}", f"{max(ppls) - min(ppls):.3f}"] if whole else ["-", "-"]
             out.append(f"| {r} | " + " | ".join(vals) + " |")
         out.append("")
         if name in ("wikitext2", "c4"):
