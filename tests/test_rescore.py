@@ -75,7 +75,9 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
     # a formula's own commas do not split it
     assert main(args[:-1] + ["wanda,magnitude,mul(W, X)"]) == 0
     baselines = json.loads(path.read_text())["baselines"]
-    assert len(baselines) == 3 and {v["name"] for v in baselines.values()} >= {"wanda", "magnitude"} and len(list(path.parent.glob("*.json"))) == 1
+    assert len(baselines) == 3 and {v["name"] for v in baselines.values()} >= {"wanda", "magnitude"}
+    # the record names the one command that measures all it holds, quoted for a shell
+    assert json.loads(path.read_text())["command"].endswith("--baselines 'wanda,magnitude,mul(W, X)'") and len(list(path.parent.glob("*.json"))) == 1
     # other windows or statistics are another record
     assert main(args + ["--stats", "once"]) == 0 and len(list(path.parent.glob("*.json"))) == 2
     # sequential statistics under another calibration: the dense model's X is never collected for it

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -71,7 +72,7 @@ class RescoreSettings:
         extra = "".join(f" {flag} {value}" for flag, value in (("--nsamples", self.nsamples),
                                                                 ("--calib-seqlen", self.calib_seqlen)) if value)
         return (f"prunerzero rescore runs/{run} --top {self.top} --windows {self.windows} --seqlen {self.seqlen} "
-                f"--stats {self.stats_mode}{extra} --baselines {','.join(self.baselines)}")
+                f"--stats {self.stats_mode}{extra} --baselines {shlex.quote(','.join(self.baselines))}")
 
     def key(self) -> str:
         """The record's name: everything a measured perplexity depends on besides the tree."""
@@ -140,10 +141,19 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
                 if result.reason is not None:
                     entry["reason"] = result.reason
             record[group][formula] = entry
+            record["command"] = _command_for(record, settings, cfg.name)
             write_json(path, record)
             log.info("[%d/%d] %s %s: %s (%.0f s)", i, len(todo), group[:-1], info.get("name") or f"#{info['rank']}",
                      "cannot rank" if entry["perplexity"] is None else f"{entry['perplexity']:.3f}", entry["seconds"])
     return record
+
+
+def _command_for(record: dict[str, Any], settings: RescoreSettings, run: str) -> str:
+    """The one command that measures everything the record holds (a record grows by later calls
+    with more trees or baselines)."""
+    top = max([settings.top] + [t["rank"] for t in record["trees"].values()])
+    names = tuple(dict.fromkeys(b["name"] for b in record["baselines"].values()))
+    return replace(settings, top=top, baselines=names).command(run)
 
 
 def _calib_tuple(c: Any) -> tuple[str, str | None, int, int, int]:
