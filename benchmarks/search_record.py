@@ -4,6 +4,12 @@ Reads a run folder (``state.json``, ``log.jsonl``, ``hall_of_fame.json`` and, fo
 search, ``allocation.json``) and writes the counters, the best per generation, the top 10 and,
 for an allocation search, OWL's and uniform's fitness on the same text. No weights, no statistics.
 
+With ``--keep-checkpoint DIR`` it also copies the files a resume needs (``state.json``,
+``config.yaml``, ``log.jsonl``, ``hall_of_fame.json``, ``environment.json``: JSON and YAML, no
+statistics) to ``DIR/RUN/``, so a search split across sessions survives the machine it ran on:
+``cp -r DIR/RUN runs/ && prunerzero search --resume runs/RUN``. The statistics (X, G) are
+recomputed on the resume, from the same calibration windows.
+
     python benchmarks/search_record.py runs/allocation-70-sequential \\
         --command "prunerzero search --config configs/allocation-70-sequential.yaml" \\
         --wall-seconds 3300 --out results/searches/allocation-70-sequential.json
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ from prunerzero.files import write_json
 from prunerzero.runs import _run_config
 from prunerzero.search.checkpoint import reference_fitness
 
+RESUME_FILES = ("state.json", "config.yaml", "log.jsonl", "hall_of_fame.json", "environment.json")
 PER_GENERATION_KEYS = ("generation", "best", "best_tree", "median", "unique_evaluated", "evaluated_this_gen")
 
 
@@ -61,8 +69,20 @@ def main() -> None:
     p.add_argument("--wall-seconds", type=float, default=None, help="the run's wall time, if measured")
     p.add_argument("--code", default=None, help="the commit the run was made with (default: this checkout's HEAD)")
     p.add_argument("--out", required=True, help="the JSON record to write")
+    p.add_argument("--keep-checkpoint", type=Path, default=None, metavar="DIR",
+                   help="also copy the files a resume needs to DIR/RUN/ (e.g. results/runs)")
     args = p.parse_args()
     write_json(args.out, record(args.run, args.command, args.wall_seconds, args.code))
+    if args.keep_checkpoint:
+        keep_checkpoint(args.run, args.keep_checkpoint / args.run.name)
+
+
+def keep_checkpoint(run: Path, dest: Path) -> None:
+    """Copy the run's resumable checkpoint (no statistics, no plots) to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RESUME_FILES:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
 
 
 if __name__ == "__main__":
