@@ -197,12 +197,15 @@ def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: li
         xs = [j + i * width for j, g in enumerate(groups) if (g, name) in value]
         ys = [value[(g, name)] for g in groups if (g, name) in value]
         bars = ax.bar(xs, ys, width, label=name, color=(colors or {}).get(name, f"C{i}"))
-        ax.bar_label(bars, labels=[f"{y:.{digits}f}" for y in ys], fontsize=7, padding=2)
+        # many bars per group: vertical values, or neighbours' numbers run into each other
+        ax.bar_label(bars, labels=[f"{y:.{digits}f}" for y in ys], fontsize=7, padding=2,
+                     rotation=90 if len(series) > 5 else 0)
     for y, label in hlines:
         ax.axhline(y, color="k", linestyle=":", label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
     if log_scale:
         ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 2.5)  # room for the vertical values above the tallest bar
     else:
         ax.set_ylim(bottom=0)
     ax.set_ylabel(ylabel + (" (log scale)" if log_scale else ""))
