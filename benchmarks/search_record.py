@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero.files import write_json
-from prunerzero.runs import _run_config
+from prunerzero.runs import ENVIRONMENT, _run_config
+from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.checkpoint import reference_fitness
 
-RESUME_FILES = ("state.json", "config.yaml", "log.jsonl", "hall_of_fame.json", "environment.json")
+# the checkpoint's own file names: what a resume reads, nothing it recomputes
+RESUME_FILES = (ckpt.STATE, ckpt.CONFIG, ckpt.LOG, ckpt.HALL_OF_FAME, ENVIRONMENT)
 PER_GENERATION_KEYS = ("generation", "best", "best_tree", "median", "unique_evaluated", "evaluated_this_gen")
 
 
