@@ -116,6 +116,11 @@ def eval_tokens(tokenizer: object, source: str = "wikitext2", split: str = "test
     return joined_tokens(tokenizer, source, split, "\n\n", data_dir)
 
 
+def default_split(source: str) -> str:
+    """The split calibration windows come from when none is named: C4's train, else validation."""
+    return "train" if source == "c4" else "validation"
+
+
 def calibration_windows(
     tokenizer: object,
     source: str,
@@ -135,7 +140,7 @@ def calibration_windows(
     if nsamples < 1 or seqlen < 2:
         raise UserError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
     rng = random.Random(seed)
-    split = split or ("train" if source == "c4" else "validation")
+    split = split or default_split(source)
     if source == "c4":
         docs = text_rows(source, split, data_dir)
         out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,21 @@ def tiny_llama(vocab_size: int = 128, seed: int = 0, layers: int = 2):
     model = LlamaForCausalLM(cfg).eval()
     model.config.use_cache = False
     return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The tests' statistics go to a cache of their own: tiny models carry made-up fingerprints
+    ("tiny-test") that must never meet a user's cached G. Converted models (SmolLM2's GGUF file,
+    converted once) are read from and written to the user's cache, as a user's run would."""
+    user = Path(os.environ.get("PRUNERZERO_CACHE", Path.home() / ".cache" / "prunerzero"))
+    (user / "models").mkdir(parents=True, exist_ok=True)
+    private = tmp_path_factory.mktemp("cache")
+    (private / "models").symlink_to(user / "models", target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PRUNERZERO_CACHE", str(private))
+    yield private
+    patch.undo()
 
 
 @pytest.fixture

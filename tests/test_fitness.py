@@ -13,6 +13,7 @@ from prunerzero.fitness.model_fitness import (
     InProcessEvaluator,
     ModelFitness,
     mask_key,
+    statistics_paths,
 )
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
@@ -123,6 +124,35 @@ def test_statistics_are_computed_once_per_run_folder(tmp_path):
         assert torch.equal(first.activations[name], second.activations[name])
     masks = score_masks(model, lambda n, s: s["W"], 0.5, Pattern())
     assert len(masks) == len(first.linears)
+
+
+def test_gradients_are_computed_once_per_model_and_calibration_across_runs(tmp_path, private_cache, monkeypatch):
+    model = tiny_llama()
+    src = SimpleNamespace(fingerprint="tiny-test-shared")
+    written = FitnessSettings(model="tiny", calibration=Calibration(split="validation", nsamples=2, seqlen=32),
+                              seqlen=32, windows=1)
+    first = ModelFitness(written, tmp_path / "run-a", model, CharTokenizer(), src)
+    grads_a = statistics_paths(written, tmp_path / "run-a", src.fingerprint)[1]
+    shared = private_cache / "gradients" / grads_a.name
+    assert shared.is_file() and shared.read_bytes() == grads_a.read_bytes()  # the user's cache got a copy
+
+    # another run that leaves the split to its default draws the same windows: G is not computed again
+    import prunerzero.pruning.stats as stats
+
+    def fail(*args, **kwargs):
+        raise AssertionError("G computed a second time")
+
+    monkeypatch.setattr(stats, "compute_gradients", fail)
+    default = FitnessSettings(model="tiny", calibration=Calibration(nsamples=2, seqlen=32), seqlen=32, windows=1)
+    second = ModelFitness(default, tmp_path / "run-b", model, CharTokenizer(), src)
+    grads_b = statistics_paths(default, tmp_path / "run-b", src.fingerprint)[1]
+    assert grads_b.name == grads_a.name and grads_b.read_bytes() == grads_a.read_bytes()
+    for name in first.gradients:
+        assert torch.equal(first.gradients[name], second.gradients[name])
+    # a different calibration is a different file: computed, not taken from the cache
+    other = FitnessSettings(model="tiny", calibration=Calibration(nsamples=2, seqlen=32, seed=1), seqlen=32, windows=1)
+    with pytest.raises(AssertionError, match="second time"):
+        ModelFitness(other, tmp_path / "run-c", model, CharTokenizer(), src)
 
 
 def test_gradients_streamed_from_their_file_give_the_same_fitness(fitness):

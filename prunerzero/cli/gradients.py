@@ -19,7 +19,7 @@ def cmd_gradients(args: argparse.Namespace) -> None:
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
     calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
     grads = compute_gradients(model, calib.windows(tokenizer))
-    save_tensors_atomic(grads, Path(args.out), metadata={"model": args.model, **{k: str(v) for k, v in calib.key().items()}})
+    save_tensors_atomic(grads, Path(args.out), metadata={"model": args.model, **{k: str(v) for k, v in calib.statistics_key().items()}})
     log.info("wrote %d gradient tensors to %s", len(grads), args.out)
 
 

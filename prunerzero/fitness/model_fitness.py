@@ -119,7 +119,7 @@ def mask_key(masks: Mapping[str, torch.Tensor]) -> str:
 def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint: str | None = None) -> tuple[Path, Path]:
     """(activations file, gradients file) where a run keeps X and G for these settings."""
     fingerprint = fingerprint or resolve_model(settings.model).fingerprint
-    calib = settings.calibration.key()
+    calib = settings.calibration.statistics_key()
     acts = cache_key(kind="activations", model=fingerprint, **calib)
     grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=fingerprint, **calib)
     return Path(run_dir) / f"activations-{acts}.safetensors", Path(run_dir) / f"gradients-{grads}.safetensors"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -230,15 +231,35 @@ def stream_gradients(path: str | Path, model: nn.Module) -> Mapping[str, torch.T
 
 
 def cached_gradients(
-    model: nn.Module, windows: torch.Tensor, cache_dir: Path, key_parts: dict[str, object], scale: float = GRADIENT_SCALE
+    model: nn.Module, windows: torch.Tensor, cache_dir: Path, key_parts: dict[str, object], scale: float = GRADIENT_SCALE,
+    also: Path | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Gradients from the cache when the key matches, else computed and stored."""
-    key = cache_key(kind="gradients", scale=scale, **key_parts)
-    path = Path(cache_dir) / f"gradients-{key}.safetensors"
+    """Gradients from the cache when the key matches, else computed and stored.
+
+    ``also``: a second cache folder under the same file name, read when ``cache_dir`` lacks the
+    file and given a copy of what is computed (a hard link where the file system allows)."""
+    name = f"gradients-{cache_key(kind='gradients', scale=scale, **key_parts)}.safetensors"
+    path = Path(cache_dir) / name
+    if not path.is_file() and also is not None and (Path(also) / name).is_file():
+        link_or_copy(Path(also) / name, path)
+        log.info("gradients from cache %s, linked into %s", Path(also) / name, cache_dir)
     if path.is_file():
         log.info("gradients from cache %s", path)
         return load_gradients(path, model)
     grads = compute_gradients(model, windows, scale)
     save_tensors_atomic(grads, path, metadata={k: str(v) for k, v in key_parts.items()})
     log.info("gradients cached at %s", path)
+    if also is not None and not (Path(also) / name).exists():
+        link_or_copy(path, Path(also) / name)
     return grads
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content, atomically: a hard link, or a copy across file systems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
