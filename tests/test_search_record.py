@@ -48,3 +48,12 @@ def test_the_kept_checkpoint_alone_resumes_the_search_exactly_elsewhere(tmp_path
     resumed, _ = ckpt.load_checkpoint(moved)
     uninterrupted, _ = ckpt.load_checkpoint(full)
     assert resumed.population == uninterrupted.population
+
+
+def test_git_does_not_ignore_a_kept_checkpoint():
+    # results/runs/ is committed; a "runs/" pattern once hid it from git without a word
+    kept = [f"results/runs/discover-x/{name}" for name in (ckpt.STATE, ckpt.CONFIG, ckpt.LOG, ckpt.HALL_OF_FAME)]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *kept], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.returncode == 1 and not ignored.stdout, f"ignored by .gitignore: {ignored.stdout}"
+    runs = subprocess.run(["git", "check-ignore", "--no-index", "runs/discover-x/state.json"], cwd=ROOT)
+    assert runs.returncode == 0  # a run folder itself (statistics, plots) stays out of git
