@@ -232,9 +232,9 @@ def test_a_real_model_search_is_reproducible_across_processes(tmp_path, smollm2)
         "search": {"population": 6, "generations": 2, "init_max_depth": 2, "elites": 1},
     }
     states = []
-    for run in ("a", "b"):
+    for run, module in (("a", "prunerzero.cli"), ("b", "prunerzero")):  # both ways of `python -m`
         (tmp_path / f"{run}.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / run)}))
-        done = subprocess.run([sys.executable, "-m", "prunerzero.cli", "search", "--config", str(tmp_path / f"{run}.yaml"),
+        done = subprocess.run([sys.executable, "-m", module, "search", "--config", str(tmp_path / f"{run}.yaml"),
                                "--no-heldout"], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
         states.append(json.loads((tmp_path / run / "r" / "state.json").read_text()))
