@@ -118,6 +118,8 @@ class SearchSection:
     batch: typing.Optional[int] = None  # steady state: children bred between replacements (1: the paper's; null: a generation's)
     in_flight: typing.Optional[int] = None  # steady state without barrier: children out for evaluation at once
     distinct_masks: bool = False  # steady state: a child that prunes exactly as a member (same masks) replaces no one else
+    patience: typing.Optional[int] = None  # stop once the best fitness has not improved for this many generations
+    min_improvement: float = 0.0  # with patience: the relative gain that counts as improving (0.001: 0.1%)
     regenerate_attempts: int = 5
     space: str = "metric"  # metric: evolve pruning metrics; allocation: evolve per-layer sparsity functions
     metric: str = "wanda"  # allocation space: the fixed metric (a known name, shipped name or formula)
@@ -298,6 +300,12 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     if s.distinct_masks and s.algorithm != "steady_state":
         raise UserError("search.distinct_masks needs search.algorithm: steady_state (a generational population is "
                         "replaced whole); set algorithm: steady_state or remove distinct_masks")
+    if s.patience is not None and (isinstance(s.patience, bool) or not isinstance(s.patience, int) or s.patience < 1):
+        raise UserError(f"search.patience must be a whole number of generations, at least 1, got {_short(s.patience)}; "
+                        "remove it to run all search.generations")
+    if not isinstance(s.min_improvement, (int, float)) or not 0 <= s.min_improvement < 1:
+        raise UserError(f"search.min_improvement must be a fraction within [0, 1) (0.001 is 0.1%), got "
+                        f"{_short(s.min_improvement)}")
     if s.in_flight is not None:
         if s.algorithm != "steady_state":
             raise UserError("search.in_flight needs search.algorithm: steady_state")

@@ -142,9 +142,10 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
         return _run_search_locked(cfg, resume, force, generations, evaluator, deadline)
 
 
-# Config keys a resumed run may change without --force: how long it runs, where and how fast it
-# evaluates, and what is measured after it. Everything else changes what the search does.
-FREE_ON_RESUME = ("search.generations", "heldout", "evaluator.workers", "evaluator.cpus_per_worker",
+# Config keys a resumed run may change without --force: how long it runs (or waits for a better
+# best), where and how fast it evaluates, and what is measured after it. Everything else changes what the search does.
+FREE_ON_RESUME = ("search.generations", "search.patience", "search.min_improvement", "heldout",
+                  "evaluator.workers", "evaluator.cpus_per_worker",
                   "evaluator.gpus_per_worker", "evaluator.threads_per_worker", "evaluator.address",
                   "evaluator.timeout_s", "model.device", "calibration.data_dir")
 
@@ -197,7 +198,12 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         search = GeneticSearch(cfg.search, evaluator, cfg.seed, state, on_generation, deadline)
         start = time.perf_counter()
         state = search.run(total)
-        if state.generation < total:
+        if search.stop_reason == "stalled":
+            p = cfg.search
+            log.info("stopped after generation %d of %d: the best fitness gained less than %g%% in the last %d "
+                     "generations (search.patience); raise search.patience to go on", state.generation, total,
+                     100 * p.min_improvement, p.patience)
+        elif state.generation < total:
             log.info("stopped after generation %d of %d: the time budget (--max-minutes) is spent; continue with "
                      "prunerzero search --resume %s", state.generation, total, run_dir)
         log.info("search %s: %d generations, %d metrics evaluated in %.1f s; hall of fame in %s",

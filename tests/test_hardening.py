@@ -257,3 +257,14 @@ def test_seed_flag_starts_a_new_run_with_that_seed_and_cannot_change_a_runs_seed
     one_line_error(capsys, ["search", "--resume", str(run), "--seed", "4"], "cannot change a run's seed", "--name")
     one_line_error(capsys, ["search", "--config", str(cfg_path), "--seed", "-1", "--name", "neg"], "--seed")
     assert (run / ckpt.STATE).read_text() == state and not (tmp_path / "runs" / "neg").exists()
+
+
+def test_patience_flag_sets_the_stop_on_a_resume_and_refuses_nonsense(run, capsys):
+    before = (run / ckpt.STATE).read_text()
+    state = json.loads(before)
+    one_line_error(capsys, ["search", "--resume", str(run), "--patience", "0"], "--patience must be at least 1")
+    assert (run / ckpt.STATE).read_text() == before
+    # a stop setting, not a change of the search: accepted on resume without --force, kept in the run's config
+    assert main(["search", "--resume", str(run), "--patience", "1", "--generations", str(state["generation"] + 1),
+                 "--no-heldout"]) == 0
+    assert yaml.safe_load((run / ckpt.CONFIG).read_text())["search"]["patience"] == 1

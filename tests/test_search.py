@@ -403,3 +403,55 @@ def test_distinct_masks_needs_the_steady_state_and_is_part_of_the_resume_fingerp
     with pytest.raises(UserError, match="distinct_masks"):
         run_search(changed, resume=True)
     assert run_search(changed, resume=True, force=True).generation == 2
+
+
+def test_stalled_reads_the_best_of_the_last_generations():
+    from prunerzero.search.engine import stalled
+    log = [{"best": b} for b in (10.0, 9.0, 9.0, 9.0)]
+    assert not stalled(log, None) and not stalled(log, 4)  # off, or fewer generations than the patience
+    assert stalled(log, 2) and not stalled(log, 3)  # 9.0 since generation 1: two generations without a gain
+    assert not stalled(log[:2] + [{"best": 8.99}], 1)
+    assert stalled(log[:2] + [{"best": 8.99}], 1, min_improvement=0.01)  # 0.1% is less than the 1% asked for
+    assert not stalled([{"best": None}, {"best": 5.0}], 1)
+
+
+def _first_stall(log, patience):
+    from prunerzero.search.engine import stalled
+    return next((g for g in range(len(log)) if stalled(log[:g + 1], patience)), None)
+
+
+@pytest.mark.parametrize("search", [  # the generational loop stops through the same code as the first
+    {"algorithm": "steady_state", "batch": 2},
+    {"algorithm": "steady_state", "in_flight": 3},
+])
+def test_patience_stops_where_the_best_stopped_improving_and_resumes_exactly(tmp_path, search):
+    opts = dict(search, generations=5, steps_per_generation=3, top_k=4)
+    full = run_search(recon_config(tmp_path / "full", **opts))
+    stop = _first_stall(full.log, 1)
+    assert stop is not None and stop < 5, [r["best"] for r in full.log]  # the case under test happens
+    cfg = recon_config(tmp_path / "p", patience=1, **opts)
+    stopped = run_search(cfg)
+    assert stopped.generation == stop  # a checkpoint: the same generations as the uninterrupted run, no more
+    assert stopped.log == full.log[:stop + 1]
+    # split by the time budget, it stops at the same generation
+    split = recon_config(tmp_path / "split", patience=1, **opts)
+    run_search(split, max_minutes=1e-9)
+    assert run_search(split, resume=True).log == stopped.log
+    # resumed as it is, nothing more is done; with more patience it goes on as the full run did
+    assert run_search(cfg, resume=True).generation == stop
+    more = config_from_dict({**cfg.to_dict(), "search": {**cfg.to_dict()["search"], "patience": 20}})
+    longer = run_search(more, resume=True)
+    assert longer.log == full.log and longer.population == full.population
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"patience": 0}, "search.patience must be a whole number of generations, at least 1"),
+    ({"patience": 2.5}, "search.patience must be "),
+    ({"patience": True}, "search.patience must be "),
+    ({"patience": 3, "min_improvement": 1.5}, "search.min_improvement must be a fraction within"),
+    ({"min_improvement": -0.1}, "search.min_improvement must be a fraction within"),
+])
+def test_patience_settings_are_checked(tmp_path, bad, message):
+    with pytest.raises(UserError, match=message):
+        run_search(recon_config(tmp_path, **bad))
+    assert not (tmp_path / "t").exists()

@@ -24,6 +24,7 @@ from prunerzero.runs import (
     run_search,
 )
 from prunerzero.search import checkpoint as ckpt
+from prunerzero.search.engine import stalled
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 def cmd_search(args: argparse.Namespace) -> None:
     if args.seed is not None and not 0 <= args.seed <= LIMITS["seed"]:
         raise UserError(f"--seed must be between 0 and {LIMITS['seed']}, got {args.seed}")
+    if args.patience is not None and args.patience < 1:
+        raise UserError(f"--patience must be at least 1 generation, got {args.patience}")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / ckpt.CONFIG).is_file():
@@ -52,6 +55,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         validate(cfg)
     else:
         raise UserError("give --config FILE.yaml to start a search, or --resume runs/NAME to continue one")
+    if args.patience is not None:
+        cfg.search.patience = args.patience
+        validate(cfg)
     if args.dry_run:
         fp = fingerprint(cfg)
         print(json.dumps({"valid": True, "run_dir": str(cfg.run_dir), "fingerprint": fp}, indent=2))
@@ -60,7 +66,8 @@ def cmd_search(args: argparse.Namespace) -> None:
                        max_minutes=args.max_minutes)
     for r in ckpt.export_trees(state, 5)["trees"]:
         print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  {r['formula']}")
-    if state.generation < (args.generations if args.generations is not None else cfg.search.generations):
+    total = args.generations if args.generations is not None else cfg.search.generations
+    if state.generation < total and not stalled(state.log, cfg.search.patience, cfg.search.min_improvement):
         return  # stopped by --max-minutes: the held-out evaluation waits for the finished search
     if cfg.heldout is not None and cfg.evaluator.type != "reconstruction" and not args.no_heldout:
         print(format_table(run_heldout(cfg.run_dir, cfg, state), cfg.heldout.texts))
@@ -134,6 +141,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="begin no generation after this many minutes (loading included): the run stops at a "
                         "checkpoint and --resume continues it exactly; for runs split across sessions or jobs")
+    p.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="stop once the best fitness has not improved for N generations (search.patience; "
+                        "search.min_improvement sets what counts); may change on --resume")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("heldout", help="held-out perplexity of a run's best metrics and the baselines (resumable)")

@@ -164,6 +164,18 @@ def _seeded(seed: int | str) -> Iterator[None]:
         random.setstate(saved)
 
 
+def stalled(log: Sequence[Mapping[str, Any]], patience: int | None, min_improvement: float = 0.0) -> bool:
+    """Whether the best fitness of the last ``patience`` generations gained no more than
+    ``min_improvement`` (relative) on the best before them (``search.patience``). Read from the
+    run's log alone, so a resumed run stops where an uninterrupted one would."""
+    if patience is None or len(log) <= patience:
+        return False
+    now, then = log[-1].get("best"), log[-1 - patience].get("best")
+    if now is None or then is None:
+        return False
+    return now >= then - min_improvement * abs(then)
+
+
 class GeneticSearch:
     """Runs generations of a search, updating a :class:`SearchState`."""
 
@@ -171,6 +183,7 @@ class GeneticSearch:
                  on_generation: Callable[[SearchState], None] | None = None, deadline: float | None = None):
         self.p = params
         self.deadline = deadline  # time.monotonic() after which no generation is begun
+        self.stop_reason: str | None = None  # "time" or "stalled" when run() stopped short of its generations
         self.evaluator = evaluator
         self.seed = seed
         self.state = state or SearchState()
@@ -459,11 +472,20 @@ class GeneticSearch:
                     self._log(self.state.generation, before, time.perf_counter() - start)
                     if self.on_generation:
                         self.on_generation(self.state)
-                    if self.out_of_time():
+                    if done < generations * steps and self.should_stop():
                         break  # the children in flight are in state.pending: a resume sends them again
                     start, before = time.perf_counter(), dict(self.state.counters)
         finally:
             self.evaluator.drop_submitted()  # those still out are in state.pending: sent again on resume
+
+    def should_stop(self) -> bool:
+        """Stop at this checkpoint: the time budget is spent, or the best stopped improving; sets
+        :attr:`stop_reason`."""
+        if stalled(self.state.log, self.p.patience, self.p.min_improvement):
+            self.stop_reason = "stalled"
+        elif self.out_of_time():
+            self.stop_reason = "time"
+        return self.stop_reason is not None
 
     def out_of_time(self) -> bool:
         """Past the deadline: stop at this generation's checkpoint (``--max-minutes``); a resume goes
@@ -476,6 +498,9 @@ class GeneticSearch:
 
     def run(self, generations: int) -> SearchState:
         """Run until ``generations`` generations after the initial one are complete."""
+        if self.state.generation < generations and stalled(self.state.log, self.p.patience, self.p.min_improvement):
+            self.stop_reason = "stalled"  # a resumed run that had already stopped improving: nothing to do
+            return self.state
         if self.p.in_flight and self.state.generation >= 0:
             self._run_in_flight(generations)
             return self.state
@@ -495,10 +520,11 @@ class GeneticSearch:
             self._log(gen, before, time.perf_counter() - start)
             if self.on_generation:
                 self.on_generation(self.state)
-            if self.out_of_time():
+            if self.state.generation < generations and self.should_stop():
                 break
             if self.p.in_flight:  # after the initial population: no generation barrier
-                self._run_in_flight(generations)
+                self._run_in_flight(generations)  # to the end, or to the checkpoint where it stopped
+                break
         return self.state
 
     def _log(self, gen: int, before: dict[str, int], seconds: float) -> None:
