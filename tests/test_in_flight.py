@@ -134,3 +134,14 @@ def test_in_flight_time_budget_stops_at_a_checkpoint_and_resumes_exactly(tmp_pat
     assert stopped.generation == 1 and len(stopped.pending) == 2  # the children in flight wait in the checkpoint
     resumed = run_search(split, resume=True, evaluator=Scrambled(5))
     assert same_run(full, resumed)
+
+
+def test_a_new_in_flight_run_stopped_past_generation_one_stops_there(tmp_path, monkeypatch):
+    """The first call of a run breeds generation 0 in its own loop, then hands over to the in-flight
+    loop; stopped there (time budget), it must not go on with one generation of the batch loop."""
+    full = run_search(cfg(tmp_path / "full", generations=4))
+    split = cfg(tmp_path / "split", generations=4)
+    monkeypatch.setattr(GeneticSearch, "out_of_time", lambda self: self.state.generation >= 2)
+    assert run_search(split).generation == 2
+    monkeypatch.undo()
+    assert same_run(full, run_search(split, resume=True))
