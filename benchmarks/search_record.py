@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -85,6 +86,10 @@ def keep_checkpoint(run: Path, dest: Path) -> None:
     for name in RESUME_FILES:
         if (run / name).is_file():
             shutil.copy2(run / name, dest / name)
+    config = dest / ckpt.CONFIG
+    if config.is_file():  # no path of this machine in the repository: a resume takes the folder it is given
+        text = config.read_text()
+        config.write_text(re.sub(r"(?m)^output_dir: .*$", "output_dir: runs", text))
 
 
 if __name__ == "__main__":
