@@ -156,7 +156,18 @@ def markdown(tables: dict, runner: CellRunner) -> str:
         out.append("")
         if name in ("wikitext2", "c4"):
             out.extend(gaps(name, cols, values))
+        out.extend(commands(name, cells))
     return "\n".join(out)
+
+
+def commands(table: str, cells: list[tuple[str, str, Cell]]) -> list[str]:
+    """One re-run command per cell of a table, folded away under it (a cell with a record is skipped
+    unless its record is deleted first; the key is the record's file name)."""
+    lines = ["<details><summary>The command behind each cell of this table</summary>\n", "```bash"]
+    for r, c, cell in cells:
+        pattern = "^" + re.escape(cell_id(table, r, c)).replace("\\ ", " ") + "$"
+        lines.append(f"python benchmarks/headline.py --only '{pattern}'   # results/headline/{cell.key()}.json")
+    return lines + ["```", "</details>\n"]
 
 
 GAP_BASELINES = ("wanda", "ria", "pruner-zero", "sparsegpt")
