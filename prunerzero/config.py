@@ -48,6 +48,12 @@ class CalibrationSection:
     seqlen: int = 2048
     seed: int = 0
     data_dir: typing.Optional[str] = None
+    # G from other windows than X (same source, split and seed; null: X's). A sequential search
+    # re-collects X per candidate, so it keeps X's windows few; G is computed once per run, and its
+    # scale follows the window count (a sum over windows), so a metric that mixes G with X or W
+    # keeps its balance only when G is calibrated as it will be when used (32 x 2048 in the table).
+    gradient_nsamples: typing.Optional[int] = None
+    gradient_seqlen: typing.Optional[int] = None
 
 
 @dataclass
@@ -162,6 +168,7 @@ LIMITS = {"search.population": 100_000, "search.generations": 1_000_000, "search
           "search.max_height": 100, "search.max_size": 2000, "search.init_max_depth": 20, "search.hall_of_fame": 10_000,
           "search.top_k": 100_000, "search.tournament_size": 100_000, "search.regenerate_attempts": 1000,
           "search.elites": 100_000, "calibration.nsamples": 100_000, "calibration.seqlen": 1_000_000,
+          "calibration.gradient_nsamples": 100_000, "calibration.gradient_seqlen": 1_000_000,
           "fitness.seqlen": 1_000_000, "fitness.windows": 1_000_000, "evaluator.workers": 10_000,
           "heldout.top_k": 1000, "heldout.windows": 1_000_000, "heldout.seqlen": 1_000_000,
           "seed": 2**32 - 1, "calibration.seed": 2**32 - 1}
@@ -271,8 +278,9 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     for name in ("population", "generations", "tournament_size", "max_height", "max_size", "hall_of_fame",
                  "top_k", "steps_per_generation", "init_max_depth"):
         _positive(getattr(s, name), f"search.{name}")
-    for name in ("nsamples", "seqlen"):
-        _positive(getattr(c, name), f"calibration.{name}")
+    for name in ("nsamples", "seqlen", "gradient_nsamples", "gradient_seqlen"):
+        if getattr(c, name) is not None:
+            _positive(getattr(c, name), f"calibration.{name}")
     for name in ("seqlen", "windows"):
         _positive(getattr(f, name), f"fitness.{name}")
     mf = f.multi_fidelity

@@ -185,7 +185,11 @@ def free_spans(n_tokens: int, taken: Sequence[tuple[int, int]], seqlen: int, win
     return out
 
 
-def _calibration_spans(n_tokens: int, calibration: tuple[str, str | None, int, int, int]) -> list[tuple[int, int]]:
+# (source, split, nsamples, seqlen, seed): which windows a calibration draws
+CalibrationWindows = tuple[str, "str | None", int, int, int]
+
+
+def _calibration_spans(n_tokens: int, calibration: CalibrationWindows) -> list[tuple[int, int]]:
     _, _, nsamples, calib_seqlen, seed = calibration
     return [(s, s + calib_seqlen) for s in calibration_starts(n_tokens, nsamples, calib_seqlen, seed)]
 
@@ -196,23 +200,27 @@ def _shares_text(calibration: tuple[str, str | None, int, int, int] | None, sour
 
 
 def fitness_tokens(tokenizer: object, source: str, split: str, seqlen: int, windows: int,
-                   calibration: tuple[str, str | None, int, int, int] | None, data_dir: str | None = None) -> torch.Tensor:
+                   calibration: CalibrationWindows | Sequence[CalibrationWindows] | None,
+                   data_dir: str | None = None) -> torch.Tensor:
     """The search's fitness text: ``windows`` windows of ``seqlen`` tokens, concatenated.
 
     When the fitness text is the calibration text (``calibration`` = (source, split, nsamples,
-    seqlen, seed)), it is tokenized as the calibration is (rows joined with " ") and the fitness
-    windows are the first non-overlapping windows that share no token with any calibration window:
-    the statistics a metric reads never saw the text it is judged on. Otherwise the first
-    ``windows * seqlen`` tokens of the text, rows joined with "\n\n"."""
+    seqlen, seed), or a list of them when X and G read different windows), it is tokenized as the
+    calibration is (rows joined with " ") and the fitness windows are the first non-overlapping
+    windows that share no token with any calibration window: the statistics a metric reads never
+    saw the text it is judged on. Otherwise the first ``windows * seqlen`` tokens of the text, rows
+    joined with "\n\n"."""
     need = windows * seqlen
-    if not _shares_text(calibration, source, split):
+    calibrations = [calibration] if calibration is None or isinstance(calibration[0], str) else list(calibration)
+    calibrations = [c for c in calibrations if _shares_text(c, source, split)]
+    if not calibrations:
         tokens = joined_tokens(tokenizer, source, split, "\n\n", data_dir, need)
         if tokens.numel() < need:
             raise UserError(f"fitness text {source}:{split} has {tokens.numel()} tokens, fewer than the budget of "
                             f"{windows} x {seqlen}")
         return tokens[:need]
     ids = joined_tokens(tokenizer, source, split, " ", data_dir)
-    spans = free_spans(ids.numel(), _calibration_spans(ids.numel(), calibration), seqlen, windows)
+    spans = free_spans(ids.numel(), [s for c in calibrations for s in _calibration_spans(ids.numel(), c)], seqlen, windows)
     if len(spans) < windows:
         raise UserError(f"fitness text {source}:{split} has room for only {len(spans)} windows of {seqlen} tokens "
                         f"outside the calibration windows; lower fitness.windows or the calibration budget")
@@ -220,13 +228,13 @@ def fitness_tokens(tokenizer: object, source: str, split: str, seqlen: int, wind
 
 
 def unused_tokens(tokenizer: object, source: str, split: str, seqlen: int, windows: int,
-                  fitness: tuple[int, int], calibrations: Sequence[tuple[str, str | None, int, int, int]],
-                  data_dir: str | None = None) -> torch.Tensor:
+                  fitness: tuple[int, int], calibrations: Sequence[CalibrationWindows],
+                  data_dir: str | None = None, run_calibrations: int = 1) -> torch.Tensor:
     """``windows`` windows of ``seqlen`` tokens of the fitness text that a search never used: no token
-    in its fitness windows (``fitness`` = (seqlen, windows), the first of ``calibrations`` being the
-    run's calibration, as :func:`fitness_tokens` chose them) nor in any of the ``calibrations``
-    windows. For a re-score of a search's best metrics on validation text (the test split stays
-    for the final table)."""
+    in its fitness windows (``fitness`` = (seqlen, windows), the first ``run_calibrations`` of
+    ``calibrations`` being the run's, as :func:`fitness_tokens` chose them) nor in any of the
+    ``calibrations`` windows. For a re-score of a search's best metrics on validation text (the
+    test split stays for the final table)."""
     fit_seqlen, fit_windows = fitness
     shared = [_shares_text(c, source, split) for c in calibrations]
     if any(shared) and not shared[0]:
@@ -241,7 +249,8 @@ def unused_tokens(tokenizer: object, source: str, split: str, seqlen: int, windo
     ids = joined_tokens(tokenizer, source, split, " ", data_dir)
     n = ids.numel()
     calib = [span for c in calibrations if _shares_text(c, source, split) for span in _calibration_spans(n, c)]
-    fit = free_spans(n, _calibration_spans(n, calibrations[0]), fit_seqlen, fit_windows)
+    run = [span for c in calibrations[:run_calibrations] for span in _calibration_spans(n, c)]
+    fit = free_spans(n, run, fit_seqlen, fit_windows)
     spans = free_spans(n, calib + fit, seqlen, windows)
     if len(spans) < windows:
         raise UserError(f"{source}:{split} has room for only {len(spans)} windows of {seqlen} tokens outside the "

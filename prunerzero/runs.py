@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prunerzero.config import HeldoutSection, SearchConfig, config_from_dict, load_yaml
+from prunerzero.config import CalibrationSection, HeldoutSection, SearchConfig, config_from_dict, load_yaml
 from prunerzero.environment import differences, environment
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import (
@@ -55,9 +55,18 @@ def fitness_settings(cfg: SearchConfig, resolve_device: bool = True) -> FitnessS
     return FitnessSettings(
         model=cfg.model.name, sparsity=f.sparsity, pattern=f.pattern,
         calibration=Calibration(c.source, c.split, c.nsamples, c.seqlen, c.seed, c.data_dir),
+        gradient_calibration=gradient_calibration(c),
         text=f.text, split=f.split, seqlen=f.seqlen, windows=f.windows, stats_mode=f.stats_mode,
         device=pick_device(cfg.model.device) if resolve_device else cfg.model.device, **alloc,
     )
+
+
+def gradient_calibration(c: CalibrationSection) -> Calibration | None:
+    """The windows G is computed from when they differ from X's (``calibration.gradient_*``)."""
+    if c.gradient_nsamples is None and c.gradient_seqlen is None:
+        return None
+    return Calibration(c.source, c.split, c.gradient_nsamples or c.nsamples, c.gradient_seqlen or c.seqlen, c.seed,
+                       c.data_dir)
 
 
 def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
@@ -290,12 +299,20 @@ def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, functio
 HELDOUT = "heldout.json"
 
 
+def heldout_calibration(cfg: SearchConfig) -> Calibration:
+    """The windows held-out cells calibrate X and G on (as ``prunerzero prune`` does, one set for
+    both): G's when the run computed G from windows of its own, so G has the scale it had in the
+    search, else the run's calibration."""
+    return fitness_settings(cfg, resolve_device=False).g_calibration
+
+
 def heldout_cells(cfg: SearchConfig, state: SearchState, h: HeldoutSection) -> list[Cell]:
     """The held-out grid of a run: dense, the baselines and the top k, at the run's pattern."""
     c, f = cfg.calibration, cfg.fitness
     if c.source != "wikitext2" or f.text != "wikitext2":
         log.warning("held-out cells calibrate on %s; the run's fitness text is %s", c.source, f.text)
-    common = dict(windows=h.windows, seqlen=h.seqlen, nsamples=c.nsamples, calib_seqlen=c.seqlen,
+    calib = heldout_calibration(cfg)
+    common = dict(windows=h.windows, seqlen=h.seqlen, nsamples=calib.nsamples, calib_seqlen=calib.seqlen,
                   calib_seed=c.seed, calib_source=c.source, model=cfg.model.name)
     top = [(f"#{r['rank']}", r["formula"]) for r in ckpt.export_trees(state, h.top_k)["trees"]]
     cells = [known_cell("dense", text=t, **common) for t in h.texts]
@@ -310,14 +327,15 @@ def run_heldout(run_dir: Path, cfg: SearchConfig, state: SearchState, h: Heldout
     h = h or cfg.heldout or HeldoutSection()
     runner = CellRunner(run_dir / "heldout", cfg.calibration.data_dir, pick_device(cfg.model.device), str(run_dir))
     records = runner.run(heldout_cells(cfg, state, h))
+    calib = heldout_calibration(cfg)
     fitness = {r["formula"]: r["fitness"] for r in ckpt.export_trees(state, max(h.top_k, 1))["trees"]}
     table = summary(records)
     for row in table["rows"]:
         if row["tree"] in fitness:
             row["fitness"] = fitness[row["tree"]]
     table.update(budget={"windows": h.windows, "seqlen": h.seqlen}, texts=list(h.texts),
-                 calibration={"nsamples": cfg.calibration.nsamples, "seqlen": cfg.calibration.seqlen,
-                              "seed": cfg.calibration.seed, "source": cfg.calibration.source})
+                 calibration={"nsamples": calib.nsamples, "seqlen": calib.seqlen,
+                              "seed": calib.seed, "source": calib.source})
     write_json(run_dir / HELDOUT, table, protected=ckpt.run_files(run_dir))
     log.info("held-out perplexity of %d cells in %s", len(records), run_dir / HELDOUT)
     return table

@@ -101,8 +101,9 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
     run_fit = fitness_settings(cfg)
     calib = replace(run_fit.calibration, nsamples=settings.nsamples or run_fit.calibration.nsamples,
                     seqlen=settings.calib_seqlen or run_fit.calibration.seqlen)
-    fit_settings = replace(run_fit, calibration=calib, seqlen=settings.seqlen, windows=settings.windows,
-                           stats_mode=settings.stats_mode)
+    # X and G both from the re-score's calibration, whatever windows the search took G from
+    fit_settings = replace(run_fit, calibration=calib, gradient_calibration=None, seqlen=settings.seqlen,
+                           windows=settings.windows, stats_mode=settings.stats_mode)
     path = rescore_path(run_dir, settings)
     record = _load(path) or {
         "run": cfg.name, "what": "perplexity on validation windows the search never used (lower is better)",
@@ -110,7 +111,7 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
         "stats_mode": settings.stats_mode, "calibration": calib.key(), "pattern": run_fit.pattern,
         "sparsity": run_fit.sparsity,
         "avoids": {"fitness": {"windows": run_fit.windows, "seqlen": run_fit.seqlen},
-                   "calibrations": [run_fit.calibration.key(), calib.key()]},
+                   "calibrations": [c.key() for c in [*run_fit.calibrations(), calib]]},
         "command": settings.command(cfg.name), "trees": {}, "baselines": {}}
     # baselines first: a re-score stopped early still compares what it measured with them
     wanted = [(str(resolve_tree(name)), "baselines", {"name": name}) for name in settings.baselines]
@@ -128,7 +129,7 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
         fitness.tokens = unused_tokens(
             fitness.tokenizer, run_fit.text, run_fit.split, settings.seqlen, settings.windows,
             (run_fit.seqlen, run_fit.windows),
-            [_calib_tuple(run_fit.calibration), _calib_tuple(calib)], calib.data_dir)
+            [c.draw() for c in [*run_fit.calibrations(), calib]], calib.data_dir, len(run_fit.calibrations()))
         for i, (formula, group, info) in enumerate(todo, 1):
             start = time.perf_counter()
             twin = record["trees" if group == "baselines" else "baselines"].get(formula)
@@ -154,10 +155,6 @@ def _command_for(record: dict[str, Any], settings: RescoreSettings, run: str) ->
     top = max([settings.top] + [t["rank"] for t in record["trees"].values()])
     names = tuple(dict.fromkeys(b["name"] for b in record["baselines"].values()))
     return replace(settings, top=top, baselines=names).command(run)
-
-
-def _calib_tuple(c: Any) -> tuple[str, str | None, int, int, int]:
-    return (c.source, c.split, c.nsamples, c.seqlen, c.seed)
 
 
 def _load(path: Path) -> dict[str, Any] | None:

@@ -162,8 +162,10 @@ def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], arg
     device = pick_device(args.device or (cfg.get("model") or {}).get("device") or "auto")
     c = cfg.get("calibration") or {}
     data_dir = args.data_dir or c.get("data_dir")
-    run_calib = Calibration(c.get("source", "wikitext2"), c.get("split"), c.get("nsamples", 32), c.get("seqlen", 2048),
-                            c.get("seed", 0), c.get("data_dir"))
+    # one set of windows for X and G: G's when the run took G from windows of its own
+    run_calib = Calibration(c.get("source", "wikitext2"), c.get("split"),
+                            c.get("gradient_nsamples") or c.get("nsamples", 32),
+                            c.get("gradient_seqlen") or c.get("seqlen", 2048), c.get("seed", 0), c.get("data_dir"))
     calib = Calibration(run_calib.source, run_calib.split, args.nsamples or run_calib.nsamples,
                         args.seqlen or run_calib.seqlen, run_calib.seed, data_dir)
     eval_seqlen = args.eval_seqlen or (1024 if device == "cpu" else 2048)

@@ -87,6 +87,7 @@ class FitnessSettings:
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
     sparsity_range: tuple[float, float] = (0.0, 0.99)
+    gradient_calibration: Calibration | None = None  # None: G from `calibration`'s windows, as X
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, Pattern.parse(self.pattern))
@@ -108,7 +109,21 @@ class FitnessSettings:
         else:
             d["sparsity_range"] = list(self.sparsity_range)
         d["calibration"] = self.calibration.key()
+        if self.gradient_calibration is None:  # runs without one keep the fingerprint they always had
+            d.pop("gradient_calibration")
+        else:
+            d["gradient_calibration"] = self.gradient_calibration.key()
         return d
+
+    @property
+    def g_calibration(self) -> Calibration:
+        """The windows G is computed from."""
+        return self.gradient_calibration or self.calibration
+
+    def calibrations(self) -> list[Calibration]:
+        """Every window set the statistics read (X's, then G's when apart); the fitness windows
+        avoid them all."""
+        return [self.calibration] + ([self.gradient_calibration] if self.gradient_calibration else [])
 
 
 def mask_key(masks: Mapping[str, torch.Tensor]) -> str:
@@ -119,9 +134,8 @@ def mask_key(masks: Mapping[str, torch.Tensor]) -> str:
 def statistics_paths(settings: FitnessSettings, run_dir: str | Path, fingerprint: str | None = None) -> tuple[Path, Path]:
     """(activations file, gradients file) where a run keeps X and G for these settings."""
     fingerprint = fingerprint or resolve_model(settings.model).fingerprint
-    calib = settings.calibration.statistics_key()
-    acts = cache_key(kind="activations", model=fingerprint, **calib)
-    grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=fingerprint, **calib)
+    acts = cache_key(kind="activations", model=fingerprint, **settings.calibration.statistics_key())
+    grads = cache_key(kind="gradients", scale=GRADIENT_SCALE, model=fingerprint, **settings.g_calibration.statistics_key())
     return Path(run_dir) / f"activations-{acts}.safetensors", Path(run_dir) / f"gradients-{grads}.safetensors"
 
 
@@ -138,9 +152,11 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
     need it: a worker holds the model and one layer of G, and the file's pages are shared by
     every worker on the machine. An accelerator keeps G in its own memory."""
     path, grads_path = statistics_paths(settings, run_dir, source.fingerprint)
-    windows = None
-    if (activations and not path.is_file()) or (gradients and not grads_path.is_file()):
-        windows = settings.calibration.windows(tokenizer)
+    windows = settings.calibration.windows(tokenizer) if activations and not path.is_file() else None
+    g_windows = None
+    if gradients and not grads_path.is_file():
+        same = settings.gradient_calibration is None and windows is not None
+        g_windows = windows if same else settings.g_calibration.windows(tokenizer)
     if path.is_file():
         acts = load_tensors_mapped(path)
     elif not activations:
@@ -152,9 +168,9 @@ def prepare_statistics(model: torch.nn.Module, tokenizer: object, source: Any, s
     if not gradients:
         return acts, {}
     if next(model.parameters()).device.type != "cpu":
-        return acts, gradients_for(model, source, windows, settings.calibration, Path(run_dir))
+        return acts, gradients_for(model, source, g_windows, settings.g_calibration, Path(run_dir))
     if not grads_path.is_file():
-        gradients_for(model, source, windows, settings.calibration, Path(run_dir))  # computed and stored
+        gradients_for(model, source, g_windows, settings.g_calibration, Path(run_dir))  # computed and stored
     return acts, stream_gradients(grads_path, model)
 
 
@@ -197,9 +213,8 @@ class ModelFitness:
         dev = next(model.parameters()).device
         self.activations = {k: v.to(dev) for k, v in acts.items()}  # a vector per layer: small
         self.gradients = grads  # on the model's device already; streamed from its file on a CPU
-        c = settings.calibration
         self.tokens = fitness_tokens(tokenizer, settings.text, settings.split, settings.seqlen, settings.windows,
-                                     (c.source, c.split, c.nsamples, c.seqlen, c.seed), c.data_dir)
+                                     [c.draw() for c in settings.calibrations()], settings.calibration.data_dir)
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
         self.allocation = self._allocation()
         self.known_masks: dict[str, float] = {}

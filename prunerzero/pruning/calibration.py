@@ -28,6 +28,10 @@ class Calibration:
     def windows(self, tokenizer: object) -> torch.Tensor:
         return calibration_windows(tokenizer, self.source, self.nsamples, self.seqlen, self.seed, self.split, self.data_dir)
 
+    def draw(self) -> tuple[str, str | None, int, int, int]:
+        """(source, split, nsamples, seqlen, seed): what decides which windows are drawn."""
+        return (self.source, self.split, self.nsamples, self.seqlen, self.seed)
+
     def key(self) -> dict[str, object]:
         d = asdict(self)
         d.pop("data_dir")
