@@ -73,3 +73,39 @@ def test_config_builds_the_gradient_calibration_and_keeps_old_fingerprints():
 def test_bad_gradient_window_counts_are_refused(value, word):
     with pytest.raises(UserError, match=f"calibration.gradient_nsamples.*{word}|{word}"):
         config_from_dict({"calibration": {"gradient_nsamples": value}})
+
+
+def test_a_search_and_its_rescore_read_g_from_the_gradient_windows(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    import prunerzero.pruning.stats as stats
+    from prunerzero.cli import main
+    from prunerzero.evaluation import rescore
+    from tests.conftest import local_data, tiny_model_folder
+
+    model, text = str(tiny_model_folder(tmp_path / "model")), str(local_data(tmp_path / "data", lines=120))
+    cfg = {"name": "g", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": model, "device": "cpu"},
+           "calibration": {"nsamples": 2, "seqlen": 32, "gradient_nsamples": 3, "gradient_seqlen": 48, "data_dir": text},
+           "fitness": {"seqlen": 32, "windows": 2},
+           "search": {"population": 4, "generations": 1, "terminals": ["W", "G", "X"], "init_max_depth": 2,
+                      "seed_trees": ["mul(W, G)"]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["search", "--config", str(tmp_path / "c.yaml"), "--no-heldout"]) == 0
+    run = tmp_path / "runs" / "g"
+    settings = fitness_settings(config_from_dict({**cfg, "output_dir": str(tmp_path / "runs")}))
+    grads = statistics_paths(settings, run)[1]
+    assert [p.name for p in run.glob("gradients-*")] == [grads.name]
+    assert grads.name == statistics_paths(FitnessSettings(model=model, calibration=settings.gradient_calibration), run)[1].name
+
+    # a re-score with the run's own statistics reads the search's G: nothing is computed again
+    monkeypatch.setattr(stats, "compute_gradients", lambda *a, **k: pytest.fail("G computed again"))
+    assert main(["rescore", str(run), "--top", "1", "--windows", "1", "--seqlen", "32", "--baselines", "mul(W, G)"]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (run / rescore.RESCORE_DIR).glob("*.json")]
+    assert {c["nsamples"] for c in record["avoids"]["calibrations"]} == {2, 3}
+    # another calibration gives X and G both, as `prunerzero prune` takes them
+    monkeypatch.undo()
+    assert main(["rescore", str(run), "--top", "1", "--windows", "1", "--seqlen", "32", "--nsamples", "1",
+                 "--baselines", "mul(W, G)"]) == 0
+    assert len(list(run.glob("gradients-*"))) == 2

@@ -101,9 +101,12 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
     run_fit = fitness_settings(cfg)
     calib = replace(run_fit.calibration, nsamples=settings.nsamples or run_fit.calibration.nsamples,
                     seqlen=settings.calib_seqlen or run_fit.calibration.seqlen)
-    # X and G both from the re-score's calibration, whatever windows the search took G from
-    fit_settings = replace(run_fit, calibration=calib, gradient_calibration=None, seqlen=settings.seqlen,
-                           windows=settings.windows, stats_mode=settings.stats_mode)
+    # Another calibration (--nsamples, --calib-seqlen) gives X and G both, as `prunerzero prune` takes
+    # them; without one, the statistics are the search's own (G from its gradient windows if apart).
+    recalibrated = settings.nsamples is not None or settings.calib_seqlen is not None
+    fit_settings = replace(run_fit, calibration=calib, seqlen=settings.seqlen, windows=settings.windows,
+                           stats_mode=settings.stats_mode,
+                           gradient_calibration=None if recalibrated else run_fit.gradient_calibration)
     path = rescore_path(run_dir, settings)
     record = _load(path) or {
         "run": cfg.name, "what": "perplexity on validation windows the search never used (lower is better)",
