@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from prunerzero.data import check_text
 from prunerzero.errors import UserError
 from prunerzero.primitives.known import KNOWN_METRICS, metric_only, resolve_tree, shipped_trees
 from prunerzero.primitives.registry import (
@@ -267,8 +268,8 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     """Cross-field checks: impossible values are refused with the way out."""
     s, f, e, c = cfg.search, cfg.fitness, cfg.evaluator, cfg.calibration
     check_sparsity(f.sparsity, Pattern.parse(f.pattern))
-    if f.split == "test":
-        raise UserError("fitness.split must not be 'test': the test split is kept for final reports; use validation")
+    check_text(c.source, c.split, "calibration", c.data_dir)  # the test split never calibrates nor selects
+    check_text(f.text, f.split, "fitness", c.data_dir)
     if f.stats_mode not in ("once", "sequential"):
         raise UserError(f"fitness.stats_mode must be 'once' or 'sequential', got {f.stats_mode!r}")
     if s.algorithm not in ("generational", "steady_state"):
@@ -485,5 +486,13 @@ def load_yaml(path: str | Path, what: str = "config file") -> Any:
         raise UserError(f"{what} {path} is nested too deeply") from None
 
 
+def config_mapping(data: Any, path: str | Path) -> dict[str, Any]:
+    """A config file's content must be a non-empty mapping: an empty file (or ``false``) is no search."""
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"config {path} is empty or not a mapping of keys to values (it reads as {_short(data)}); "
+                        "start from configs/quick.yaml")
+    return data
+
+
 def load_config(path: str | Path) -> SearchConfig:
-    return config_from_dict(load_yaml(path) or {})
+    return config_from_dict(config_mapping(load_yaml(path), path))

@@ -116,6 +116,30 @@ def eval_tokens(tokenizer: object, source: str = "wikitext2", split: str = "test
     return joined_tokens(tokenizer, source, split, "\n\n", data_dir)
 
 
+# The texts final tables are measured on: they never calibrate, fit or select anything.
+HELD_OUT_TEXTS = (("wikitext2", "test"), ("c4", "validation"))
+SPLITS = {"wikitext2": tuple(_WIKITEXT_FILES), "c4": tuple(_C4_FILES)}
+
+
+def check_text(source: str, split: str | None, role: str, data_dir: str | Path | None = None) -> None:
+    """A text a search, a calibration or a fine-tuning may read: a known split of a named source (split
+    names compared case-insensitively, so ``Test`` is refused as ``test`` is), never a held-out text
+    (WikiText-2 test, C4 validation) and never the WikiText-2 test file given by its path."""
+    named = split or default_split(source)
+    if named.strip().lower() == "test" or (source, named.strip().lower()) in HELD_OUT_TEXTS:
+        raise UserError(f"{role} must not read {source}:{named}: it is held out for the final tables and never "
+                        f"calibrates or selects anything; use {source}:{default_split(source)}")
+    if source in SPLITS:
+        if named not in SPLITS[source]:
+            raise UserError(f"{role}: {source} has splits {', '.join(SPLITS[source])}, not {named!r}")
+        return
+    path = Path(source).expanduser()
+    test_file = find_data_file(f"wikitext-2/{_WIKITEXT_FILES['test']}", data_dir)
+    if path.is_file() and test_file is not None and path.resolve() == test_file.resolve():
+        raise UserError(f"{role} must not read {source}: it is the WikiText-2 test split, held out for the final "
+                        "tables; use wikitext2 (validation)")
+
+
 def default_split(source: str) -> str:
     """The split calibration windows come from when none is named: C4's train, else validation."""
     return "train" if source == "c4" else "validation"
@@ -129,8 +153,12 @@ def calibration_windows(
     seed: int,
     split: str | None = None,
     data_dir: str | None = None,
+    repeat: bool = False,
 ) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens, shape (nsamples, seqlen), seeded.
+
+    More tokens than the text holds are refused (a typo such as ``--nsamples 100000`` would otherwise
+    run for hours) unless ``repeat`` (training windows: several epochs over a short text are fine).
 
     WikiText and text files: rows joined with " ", tokenized once, each window's start drawn with
     ``randint(0, n_tokens - seqlen - 1)``. C4: as the reference code, draw documents until one is
@@ -139,6 +167,7 @@ def calibration_windows(
     """
     if nsamples < 1 or seqlen < 2:
         raise UserError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    check_text(source, split, "calibration", data_dir)
     rng = random.Random(seed)
     split = split or default_split(source)
     if source == "c4":
@@ -160,6 +189,10 @@ def calibration_windows(
             f"calibration text {source}:{split} has {ids.numel()} tokens, too short for windows of "
             f"{seqlen}; use a smaller --seqlen or a longer text"
         )
+    if nsamples * seqlen > ids.numel() and not repeat:  # windows may overlap, but more tokens than the text holds is a typo
+        raise UserError(f"{nsamples} calibration windows of {seqlen} tokens ({nsamples * seqlen} tokens) ask for more "
+                        f"than calibration text {source}:{split} holds ({ids.numel()} tokens); use at most "
+                        f"--nsamples {ids.numel() // seqlen} at this --seqlen")
     starts = calibration_starts(ids.numel(), nsamples, seqlen, seed)
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
@@ -210,6 +243,7 @@ def fitness_tokens(tokenizer: object, source: str, split: str, seqlen: int, wind
     windows that share no token with any calibration window: the statistics a metric reads never
     saw the text it is judged on. Otherwise the first ``windows * seqlen`` tokens of the text, rows
     joined with "\n\n"."""
+    check_text(source, split, "the fitness text", data_dir)
     need = windows * seqlen
     calibrations = [calibration] if calibration is None or isinstance(calibration[0], str) else list(calibration)
     calibrations = [c for c in calibrations if _shares_text(c, source, split)]
@@ -235,6 +269,7 @@ def unused_tokens(tokenizer: object, source: str, split: str, seqlen: int, windo
     ``calibrations`` being the run's, as :func:`fitness_tokens` chose them) nor in any of the
     ``calibrations`` windows. For a re-score of a search's best metrics on validation text (the
     test split stays for the final table)."""
+    check_text(source, split, "a re-score", data_dir)
     fit_seqlen, fit_windows = fitness
     shared = [_shares_text(c, source, split) for c in calibrations]
     if any(shared) and not shared[0]:

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prunerzero.config import CalibrationSection, HeldoutSection, SearchConfig, config_from_dict, load_yaml
+from prunerzero.config import (
+    CalibrationSection,
+    HeldoutSection,
+    SearchConfig,
+    config_from_dict,
+    config_mapping,
+    load_yaml,
+)
 from prunerzero.environment import differences, environment
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import (
@@ -17,7 +24,7 @@ from prunerzero.evaluation.heldout import (
     known_cell,
     summary,
 )
-from prunerzero.files import read_json, write_json
+from prunerzero.files import RUN_START_FILES, is_run_folder, read_json, write_json
 from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, ModelFitness
@@ -39,7 +46,7 @@ log = logging.getLogger(__name__)
 def _run_config(run_dir: Path) -> SearchConfig:
     if not (run_dir / ckpt.CONFIG).is_file():
         raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
-    cfg = config_from_dict(_load_yaml(run_dir / ckpt.CONFIG))
+    cfg = config_from_dict(config_mapping(_load_yaml(run_dir / ckpt.CONFIG), run_dir / ckpt.CONFIG))
     cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
     return cfg
 
@@ -147,8 +154,35 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
         raise UserError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     run_dir = cfg.run_dir
+    check_run_folder(run_dir, resume)
     with ckpt.run_lock(run_dir):
         return _run_search_locked(cfg, resume, force, generations, evaluator, deadline)
+
+
+def _made_by_a_start(name: str) -> bool:
+    """Files a search writes into its folder before its first checkpoint (a start that failed early)."""
+    return (name in RUN_START_FILES or name.startswith(".")
+            or (name.endswith(".safetensors") and name.startswith(("activations-", "gradients-"))))
+
+
+def check_run_folder(run_dir: Path, resume: bool) -> None:
+    """A search writes only into its own run folder: a new run's folder is new, empty, or left by a start
+    that failed before its first checkpoint; never a file, never a folder holding a user's files."""
+    run_dir = Path(run_dir)
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"output_dir {parent} is a file, not a folder; give --output-dir a folder")
+            break
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; choose another --name (or --output-dir)")
+    if resume or not run_dir.is_dir() or is_run_folder(run_dir):
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _made_by_a_start(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+        raise UserError(f"{run_dir} exists and is not a search run (it holds {shown}); a search would write over "
+                        "such files: choose another --name (or --output-dir)")
 
 
 # Config keys a resumed run may change without --force: how long it runs (or waits for a better
@@ -175,6 +209,7 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         raise UserError(f"--generations must not be negative, got {generations}")
     if resume:
         state, old_fp = ckpt.load_checkpoint(run_dir)
+        check_state_belongs(run_dir, state)
         changes = ckpt.fingerprint_changes(old_fp, fp)
         if (run_dir / ckpt.CONFIG).is_file():
             changes += [c for c in config_changes(_load_yaml(run_dir / ckpt.CONFIG), cfg.to_dict()) if c not in changes]
@@ -233,6 +268,19 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         if own:
             evaluator.close()
     return state
+
+
+def check_state_belongs(run_dir: Path, state: SearchState) -> None:
+    """The checkpoint must be the one the run folder's config wrote: a state.json copied from another
+    run (another population size) would otherwise go on with that run's population."""
+    if not (run_dir / ckpt.CONFIG).is_file() or state.generation < 0:
+        return
+    saved = _load_yaml(run_dir / ckpt.CONFIG)
+    size = ((saved or {}).get("search") or {}).get("population") if isinstance(saved, dict) else None
+    if isinstance(size, int) and len(state.population) != size:
+        raise UserError(f"{run_dir / ckpt.STATE} holds a population of {len(state.population)} but the run's "
+                        f"{ckpt.CONFIG} says search.population: {size}: the checkpoint belongs to another run; put "
+                        "this run's own state.json back, or start a new run from that checkpoint's folder")
 
 
 ENVIRONMENT = "environment.json"
@@ -321,6 +369,9 @@ def heldout_cells(cfg: SearchConfig, state: SearchState, h: HeldoutSection) -> l
 
 def run_heldout(run_dir: Path, cfg: SearchConfig, state: SearchState, h: HeldoutSection | None = None) -> dict[str, Any]:
     """Measure (or finish measuring) the held-out cells of a run; writes RUN/heldout.json."""
+    if cfg.evaluator.type == "reconstruction":
+        raise UserError(f"{run_dir} was searched with the reconstruction evaluator (a random layer, no model): it has "
+                        "no held-out perplexity; measure a metric with prunerzero prune --method tree --tree FORMULA")
     if cfg.search.space == "allocation":
         raise UserError(f"{run_dir} searched allocation functions, not metrics; measure its result with prunerzero "
                         f"prune --method {cfg.search.metric} --allocation {run_dir / ALLOCATION}")
@@ -336,6 +387,6 @@ def run_heldout(run_dir: Path, cfg: SearchConfig, state: SearchState, h: Heldout
     table.update(budget={"windows": h.windows, "seqlen": h.seqlen}, texts=list(h.texts),
                  calibration={"nsamples": calib.nsamples, "seqlen": calib.seqlen,
                               "seed": calib.seed, "source": calib.source})
-    write_json(run_dir / HELDOUT, table, protected=ckpt.run_files(run_dir))
+    write_json(run_dir / HELDOUT, table)
     log.info("held-out perplexity of %d cells in %s", len(records), run_dir / HELDOUT)
     return table

@@ -131,10 +131,10 @@ def test_an_allocation_search_resumes_exactly_and_exports_a_file_prune_loads(tmp
         argv = ["allocate", run, *bad] + ([] if "--out" in bad else ["--out", str(tmp_path / "bad.json")])
         assert main(argv) == 2, bad
     assert not (tmp_path / "bad.json").exists()
-    metric_run = config_from_dict({"name": "m", "output_dir": str(tmp_path), "search": {"population": 4, "generations": 1},
+    metric_run = config_from_dict({"name": "metric-run", "output_dir": str(tmp_path), "search": {"population": 4, "generations": 1},
                                    "evaluator": {"type": "reconstruction"}})
     run_search(metric_run)
-    assert main(["allocate", str(tmp_path / "m"), "--sparsity", "0.5", "--out", str(tmp_path / "bad.json")]) == 2
+    assert main(["allocate", str(tmp_path / "metric-run"), "--sparsity", "0.5", "--out", str(tmp_path / "bad.json")]) == 2
 
 
 def test_the_fitness_of_a_searched_allocation_is_that_of_its_counts(tmp_path):

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from prunerzero.data import fitness_tokens
 from prunerzero.errors import UserError
 from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.fitness.base import WORST_FITNESS
@@ -103,8 +104,11 @@ def test_mask_key_is_order_independent_and_content_sensitive():
 
 
 def test_fitness_settings_refuse_the_test_split_and_bad_sparsity():
-    with pytest.raises(UserError, match="test split"):
-        FitnessSettings(split="test")
+    from tests.conftest import char_tokenizer
+
+    for split in ("test", "Test"):  # refused where the fitness text is read, whoever builds the settings
+        with pytest.raises(UserError, match="held out for the final tables"):
+            fitness_tokens(char_tokenizer(), "wikitext2", split, 32, 1, None)
     with pytest.raises(UserError, match="prunes exactly"):
         FitnessSettings(pattern="2:4", sparsity=0.3)
 

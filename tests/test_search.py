@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import random
@@ -167,7 +168,7 @@ def test_config_validation_names_the_problem(tmp_path):
         ({"search": {"population": "ten"}}, "search.population must be int"),
         ({"fitness": {"sparsity": 1.2}}, "outside (0, 1)"),
         ({"fitness": {"pattern": "2:4", "sparsity": 0.7}}, "prunes exactly 0.5"),
-        ({"fitness": {"split": "test"}}, "must not be 'test'"),
+        ({"fitness": {"split": "test"}}, "held out for the final tables"),
         ({"search": {"operators": ["mul", "pow3"]}}, "unknown pow3"),
         ({"search": {"crossover_prob": 2}}, "within [0, 1]"),
         ({"search": {"elites": 30, "population": 10}}, "search.elites"),
@@ -216,11 +217,13 @@ def test_crash_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     before = (cfg.run_dir / ckpt.STATE).read_text()
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="no space left") as e:  # one line, exit status 1
         run_search(cfg, resume=True, generations=3)
+    assert e.value.status == 1
+    assert not [p.name for p in cfg.run_dir.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
     monkeypatch.undo()
     assert (cfg.run_dir / ckpt.STATE).read_text() == before
     state, _ = ckpt.load_checkpoint(cfg.run_dir)

@@ -270,4 +270,4 @@ def test_fitness_windows_never_overlap_calibration_windows(monkeypatch):
     with pytest.raises(UserError, match="room for only"):
         data.fitness_tokens(None, "wikitext2", "validation", 1000, 10, ("wikitext2", None, 8, 256, 3))
     with pytest.raises(UserError, match="could overlap"):
-        config_from_dict({"calibration": {"source": "c4"}, "fitness": {"text": "c4"}})
+        config_from_dict({"calibration": {"source": "c4", "split": "train"}, "fitness": {"text": "c4", "split": "train"}})

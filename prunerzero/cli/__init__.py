@@ -8,6 +8,7 @@ a :class:`~prunerzero.errors.UserError`, printed as one line (no traceback) with
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -39,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"prunerzero: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
+    except OSError as e:  # a file read or written without going through prunerzero.files: still one line
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"prunerzero: error: {e.strerror or e}{where}; "
+              + ("free some space and run the command again" if full else "check the path and its permissions"),
+              file=sys.stderr)
+        return 1 if full else 2
     except KeyboardInterrupt:
         print("prunerzero: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero import files
+from prunerzero.data import check_text
 from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears
 from prunerzero.primitives.known import resolve_tree
@@ -61,6 +62,20 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
         log.info("wrote %s", path)
 
 
+def check_outputs(args: argparse.Namespace, file_flags: tuple[str, ...], folder_flag: str | None = None) -> None:
+    """Every output the flags name, checked before anything is loaded (the output rule of
+    :mod:`prunerzero.files`): files in ``file_flags`` (attribute names), a model folder in ``folder_flag``."""
+    named = {f"--{f.replace('_', '-')}": getattr(args, f, None) for f in file_flags}
+    for flag, path in named.items():
+        if path is not None:
+            files.check_output_path(path, flag)
+    if folder_flag and getattr(args, folder_flag, None) is not None:
+        flag = f"--{folder_flag.replace('_', '-')}"
+        files.check_model_folder(getattr(args, folder_flag), flag, force=getattr(args, "force", False))
+        named[flag] = getattr(args, folder_flag)
+    files.check_distinct(named)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="hub id, local folder, .gguf file or smollm2-135m (default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
@@ -93,6 +108,7 @@ def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
     """Validate the pruning flags before anything is loaded: (pattern, sparsity, tree)."""
 
+    check_text(args.calib_data, None, "--calib-data", args.data_dir)
     pattern = Pattern.parse(args.pattern)
     default = pattern.n / pattern.m if pattern.structured else 0.5
     sparsity = check_sparsity(args.sparsity if args.sparsity is not None else default, pattern)
@@ -166,10 +182,15 @@ def make_allocation(args: argparse.Namespace, model: Any, windows: Any, sparsity
     return load_allocation(args.allocation, sizes, sparsity, low, high), {}
 
 
-def save_model(model, tokenizer, folder: str) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    log.info("saved pruned model to %s", folder)
+def save_model(model, tokenizer, folder: str, what: str = "pruned model") -> None:
+    """Save a model and its tokenizer into ``folder`` (checked by :func:`check_outputs` beforehand);
+    an OS error (full disk, no permission) is one line."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except OSError as e:
+        raise files.write_error(folder, e) from None
+    log.info("saved the %s to %s", what, folder)
 
 

@@ -11,6 +11,7 @@ from prunerzero.cli.common import (
     add_calibration_args,
     add_model_args,
     add_prune_args,
+    check_outputs,
     check_prune_args,
     positive_int,
     prune_from_args,
@@ -30,6 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_tasks(args.tasks.split(","), args.data_dir)
     if args.method:
         check_prune_args(args)
+    check_outputs(args, ("json", "save_allocation"))
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
     result: dict[str, Any] = {"model": args.model}
     if args.method:

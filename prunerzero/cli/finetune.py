@@ -6,13 +6,12 @@ import argparse
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunerzero.cli.common import positive_int, write_json
+from prunerzero.cli.common import check_outputs, positive_int, save_model, write_json
 from prunerzero.data import eval_tokens
 from prunerzero.evaluation.perplexity import perplexity, window_count
 from prunerzero.models import load_model, pick_device
@@ -43,6 +42,7 @@ def _evaluate(model: nn.Module, tokens: torch.Tensor, seqlen: int, windows: int 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
+    check_outputs(args, ("json",), "save")
     model, tokenizer, _source = load_model(args.model, pick_device(args.device))
     tokens = eval_tokens(tokenizer, data_dir=args.data_dir)
     result: dict[str, Any] = {"model": args.model, "settings": asdict(settings), "eval_data": "wikitext2:test",
@@ -62,19 +62,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         result["sparsity_after_merge"] = base_sparsity(merged)
         result["ppl_after_merge"] = _evaluate(merged, tokens, args.eval_seqlen, settings.eval_windows, "after merge and remask")
         if args.save:
-            _save(merged, tokenizer, args.save, "merged, re-masked model")
+            save_model(merged, tokenizer, args.save, "merged, re-masked model")
     elif args.save:
-        _save(peft_model, tokenizer, args.save, "LoRA adapter")
+        save_model(peft_model, tokenizer, args.save, "LoRA adapter")
     result["losses"] = run["losses"]
     write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "settings")}))
-
-
-def _save(model: nn.Module, tokenizer: Any, folder: str, what: str) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    log.info("saved the %s to %s", what, folder)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,5 +90,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="tokens per evaluation window (default 2048)")
     p.add_argument("--merge", action="store_true", help="merge the adapters and re-apply the zero masks")
     p.add_argument("--save", default=None, help="folder: the merged model with --merge, else the adapter")
+    p.add_argument("--force", action="store_true", help="let --save write into an existing, non-empty folder")
     p.add_argument("--json", default=None, help="write the results (with the loss log) as JSON to this file")
     p.set_defaults(func=cmd_finetune)

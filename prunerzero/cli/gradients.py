@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prunerzero.cli.common import add_calibration_args, add_model_args
+from prunerzero.cli.common import add_calibration_args, add_model_args, check_outputs
+from prunerzero.data import check_text
 from prunerzero.models import load_model, pick_device
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.stats import compute_gradients, save_tensors_atomic
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def cmd_gradients(args: argparse.Namespace) -> None:
+    check_outputs(args, ("out",))
+    check_text(args.calib_data, None, "--calib-data", args.data_dir)
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
     calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
     grads = compute_gradients(model, calib.windows(tokenizer))

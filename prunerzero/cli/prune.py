@@ -11,6 +11,7 @@ from prunerzero.cli.common import (
     add_calibration_args,
     add_model_args,
     add_prune_args,
+    check_outputs,
     check_prune_args,
     positive_int,
     prune_from_args,
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def cmd_prune(args: argparse.Namespace) -> None:
     check_prune_args(args)
+    check_outputs(args, ("json", "save_allocation"), "save_model")
     model, tokenizer, source = load_model(args.model, pick_device(args.device))
     tokens = None
     if not args.no_eval:  # checked before pruning: a text too short for one window fails at once
@@ -64,4 +66,5 @@ def register(sub: Any) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--save-model", default=None, help="folder to save the pruned model and tokenizer")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--force", action="store_true", help="let --save-model write into an existing, non-empty folder")
     p.set_defaults(func=cmd_prune)

@@ -17,8 +17,8 @@ from prunerzero.evaluation.report import (
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    out = make_report(args)
-    print(f"wrote {out}")
+    out, lines = make_report(args)
+    print("\n".join([*lines, f"wrote {out}"]))
 
 
 def register(sub: Any) -> None:

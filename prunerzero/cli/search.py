@@ -9,22 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero.cli.common import metric_list
-from prunerzero.config import LIMITS, HeldoutSection, config_from_dict, load_config, validate
+from prunerzero.config import LIMITS, HeldoutSection, config_from_dict, config_mapping, load_config, validate
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
 from prunerzero.evaluation.rescore import DEFAULT_BASELINES, RescoreSettings, format_rescore, rescore_run
-from prunerzero.files import write_json
+from prunerzero.files import check_output_path, write_json
 from prunerzero.runs import (
-    ALLOCATION,
     _load_yaml,
     _run_config,
     apply_allocation_function,
+    check_run_folder,
     fingerprint,
     run_heldout,
     run_search,
 )
 from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.engine import stalled
+from prunerzero.verdict import format_verdict, verdict
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         if not (run_dir / ckpt.CONFIG).is_file():
             raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
-        cfg = load_config(args.config) if args.config else config_from_dict(_load_yaml(run_dir / ckpt.CONFIG))
+        cfg = load_config(args.config) if args.config else config_from_dict(config_mapping(_load_yaml(run_dir / ckpt.CONFIG), run_dir / ckpt.CONFIG))
         cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
         if args.seed is not None and args.seed != cfg.seed:
             raise UserError(f"--seed {args.seed} cannot change a run's seed (it was {cfg.seed}); start a new run with "
@@ -58,6 +59,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.patience is not None:
         cfg.search.patience = args.patience
         validate(cfg)
+    check_run_folder(cfg.run_dir, bool(args.resume))
     if args.dry_run:
         fp = fingerprint(cfg)
         print(json.dumps({"valid": True, "run_dir": str(cfg.run_dir), "fingerprint": fp}, indent=2))
@@ -71,6 +73,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         return  # stopped by --max-minutes: the held-out evaluation waits for the finished search
     if cfg.heldout is not None and cfg.evaluator.type != "reconstruction" and not args.no_heldout:
         print(format_table(run_heldout(cfg.run_dir, cfg, state), cfg.heldout.texts))
+    if cfg.search.space != "allocation":
+        print("\n".join(format_verdict(verdict(cfg.run_dir, state))))
 
 
 def cmd_heldout(args: argparse.Namespace) -> None:
@@ -99,17 +103,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
-    state, _ = ckpt.load_checkpoint(run_dir)
-    data = ckpt.export_pareto(state) if args.pareto else ckpt.export_trees(state, args.top)
+    state, fp = ckpt.load_checkpoint(run_dir)
+    label = ckpt.fitness_label(fp)
+    data = ckpt.export_pareto(state, label) if args.pareto else ckpt.export_trees(state, args.top, label)
     if not data["trees"]:
         raise UserError(f"{run_dir} has no evaluated metric yet")
     default = "pareto.json" if args.pareto else "export.json"
     out = Path(args.out) if args.out else run_dir / default
-    protected = ckpt.run_files(run_dir)
-    write_json(out, data, protected)
-    if args.tree_files:
-        for r in data["trees"]:
-            write_json(out.parent / f"{out.stem}-rank{r['rank']}.json", r["tree"], protected)
+    tree_files = [out.parent / f"{out.stem}-rank{r['rank']}.json" for r in data["trees"]] if args.tree_files else []
+    for path in (out, *tree_files):  # all checked before the first is written
+        check_output_path(path, "--out", own=("export.json", "pareto.json", *(p.name for p in tree_files)), own_run=run_dir)
+    write_json(out, data)
+    for path, r in zip(tree_files, data["trees"]):
+        write_json(path, r["tree"])
     for r in data["trees"]:
         print(f"{r['rank']:>2}. fitness {r['fitness']:.4f}  size {r['size']:>2}  gen {r['generation']:>3}  {r['formula']}")
     print(f"wrote {out} (load a tree with: prunerzero prune --method tree --tree {out})")
@@ -117,9 +123,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_allocate(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
-    out = Path(args.out)
-    if out.resolve() in {p.resolve() for p in (*ckpt.run_files(run_dir), run_dir / ALLOCATION)}:
-        raise UserError(f"--out {out} is one of the run's own files; write the allocation elsewhere")
+    out = check_output_path(args.out, "--out")
     data = apply_allocation_function(run_dir, args.sparsity, out, args.function)
     ratios = list(data["layers"].values())
     print(f"wrote {out}: {data['function']} at target {data['target']}, layers {min(ratios):.3f} to "

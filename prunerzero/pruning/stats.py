@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunerzero.errors import UserError
+from prunerzero.files import write_with
 from prunerzero.models import model_device, prunable_linears
 from prunerzero.primitives.registry import finite
 from prunerzero.pruning.layerwise import iterate_blocks
@@ -85,10 +86,9 @@ def cache_key(**parts: object) -> str:
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """A safetensors file written through a temporary file (removed on any failure, a full disk included)."""
+    cpu = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    write_with(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -172,7 +172,7 @@ def training_windows(tokenizer: Any, settings: LoraSettings, data_dir: str | Non
     """``steps * batch_size`` seeded random windows of ``seqlen`` tokens from the training text."""
     split = "train" if settings.data == "c4" else ("validation" if settings.data == "wikitext2" else None)
     return calibration_windows(tokenizer, settings.data, settings.steps * settings.batch_size, settings.seqlen,
-                               settings.seed, split=split, data_dir=data_dir)
+                               settings.seed, split=split, data_dir=data_dir, repeat=True)
 
 
 def batch_order(n_windows: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:

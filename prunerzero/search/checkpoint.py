@@ -16,12 +16,12 @@ from typing import Any, Iterator
 import yaml
 
 from prunerzero.errors import UserError
-from prunerzero.files import read_json, write_atomic
+from prunerzero.files import RUN_CHECKPOINT, RUN_FILES, read_json, write_atomic
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.primitives.tree import Tree
 from prunerzero.search.engine import SearchState
 
-STATE = "state.json"
+STATE = RUN_CHECKPOINT
 CONFIG = "config.yaml"
 LOG = "log.jsonl"
 HALL_OF_FAME = "hall_of_fame.json"
@@ -33,14 +33,14 @@ FORMAT_VERSION = 1
 
 def run_files(run_dir: Path) -> tuple[Path, ...]:
     """The files a run folder holds that no output may overwrite."""
-    return tuple(Path(run_dir) / n for n in (STATE, CONFIG, LOG, HALL_OF_FAME, PLOT, PARETO_PLOT, LOCK))
+    return tuple(Path(run_dir) / n for n in RUN_FILES)
 
 
 def save_checkpoint(run_dir: Path, state: SearchState, fingerprint: dict[str, Any], hof_size: int) -> None:
     payload = {"format": FORMAT_VERSION, "fingerprint": fingerprint, **state.to_json()}
     write_atomic(run_dir / STATE, json.dumps(payload, indent=1, allow_nan=False))
     write_atomic(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in state.log))
-    write_atomic(run_dir / HALL_OF_FAME, json.dumps(export_trees(state, hof_size), indent=2) + "\n")
+    write_atomic(run_dir / HALL_OF_FAME, json.dumps(export_trees(state, hof_size, fitness_label(fingerprint)), indent=2) + "\n")
 
 
 @contextmanager
@@ -97,14 +97,24 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = 
     return out
 
 
-def export_pareto(state: SearchState) -> dict[str, Any]:
+PERPLEXITY = "perplexity on the fitness text (lower is better)"
+RECONSTRUCTION = "relative output reconstruction error of one random linear layer (lower is better; not a perplexity)"
+
+
+def fitness_label(fingerprint: dict[str, Any]) -> str:
+    """What a run's fitness is, read from its checkpoint's fingerprint."""
+    fitness = fingerprint.get("fitness") if isinstance(fingerprint, dict) else None
+    return RECONSTRUCTION if isinstance(fitness, dict) and fitness.get("evaluator") == "reconstruction" else PERPLEXITY
+
+
+def export_pareto(state: SearchState, label: str = PERPLEXITY) -> dict[str, Any]:
     """The Pareto front of fitness against tree size, smallest tree first, in the export format."""
     trees = []
     for r in state.pareto_front():
         tree = Tree.parse(r["tree"])
         trees.append({"rank": len(trees) + 1, "formula": r["tree"], "fitness": r["fitness"], "size": len(tree),
                       "generation": r["generation"], "tree": tree.to_json()})
-    return {"format": "prunerzero-pareto", "trees": trees}
+    return {"format": "prunerzero-pareto", "fitness": label, "trees": trees}
 
 
 def plot_pareto(run_dir: Path, state: SearchState) -> None:
@@ -136,14 +146,14 @@ def plot_pareto(run_dir: Path, state: SearchState) -> None:
     save_figure(fig, run_dir / PARETO_PLOT)
 
 
-def export_trees(state: SearchState, top: int) -> dict[str, Any]:
+def export_trees(state: SearchState, top: int, label: str = PERPLEXITY) -> dict[str, Any]:
     """The best distinct metrics in the Pruner-Zero JSON format, with formula and fitness."""
     trees = []
     for rank, r in enumerate(state.hall_of_fame(top), 1):
         tree = Tree.parse(r["tree"])
         trees.append({"rank": rank, "formula": r["tree"], "fitness": r["fitness"], "size": len(tree),
                       "generation": r["generation"], "tree": tree.to_json()})
-    return {"fitness": "perplexity on the fitness text (lower is better)", "trees": trees}
+    return {"fitness": label, "trees": trees}
 
 
 def reference_fitness(cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
