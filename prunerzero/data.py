@@ -33,7 +33,8 @@ def data_roots(configured: str | Path | None = None) -> list[Path]:
     if os.environ.get("PRUNERZERO_DATA"):
         roots.append(Path(os.environ["PRUNERZERO_DATA"]).expanduser())
     here = Path(__file__).resolve()
-    roots += [here.parents[3] / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "data"]
+    # here = CHECKOUT/prunerzero/data.py: parents[1] is the checkout, parents[2] the folder that holds it and shared/
+    roots += [here.parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "data"]
     return roots
 
 

@@ -162,3 +162,16 @@ def test_a_search_with_an_owl_allocation_resumes_exactly(tmp_path):
     assert counts == with_owl.allocation.counts
     with pytest.raises(UserError, match="cannot reach the target"):
         config_from_dict({"fitness": {"sparsity": 0.7, "allocation": {"range": [0.1, 0.6]}}})
+
+
+def test_exact_counts_never_lower_a_layer_past_the_range_floor(monkeypatch):
+    from prunerzero.errors import UserError
+    from prunerzero.pruning import allocation
+
+    # ratios that come out of the fit above what the target needs: the counts must come down, but
+    # not below 80% of any layer (the range's floor); the exact total is then out of reach
+    monkeypatch.setattr(allocation, "_fit_range", lambda r, s, target, low, high: r)
+    with pytest.raises(UserError, match="cannot prune exactly"):
+        allocation.exact_counts({"a": 0.9, "b": 0.9}, {"a": 100, "b": 100}, 0.5, 0.8, 0.95)
+    fine = allocation.exact_counts({"a": 0.9, "b": 0.9}, {"a": 100, "b": 100}, 0.85, 0.8, 0.95)
+    assert fine.total == 170 and min(fine.counts.values()) >= 80

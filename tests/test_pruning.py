@@ -154,7 +154,8 @@ def test_apply_and_restore_are_bitwise_exact(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     masks = score_masks(tiny_model, lambda n, s: s["W"], 0.5, Pattern())
     removed = apply_masks(tiny_model, masks)
-    assert measure_sparsity(tiny_model)
+    pruned = measure_sparsity(tiny_model)
+    assert pruned and all(z == t // 2 for z, t in pruned.values())  # every prunable layer at exactly half
     restore_masks(tiny_model, masks, removed)
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
 

@@ -95,7 +95,6 @@ def test_steady_state_keeps_population_size_and_improves(tmp_path):
 
 def test_simplification_never_changes_masks_on_random_trees():
     pset = primitive_set(list(DEFAULT_OPERATORS), ["W", "G", "X"])
-    rng = random.Random(7)
     gen = torch.Generator().manual_seed(99)
     stats = {"W": torch.randn(12, 48, generator=gen).abs(), "G": torch.rand(12, 48, generator=gen) * 0.1,
              "X": torch.rand(1, 48, generator=gen) * 3}
@@ -110,7 +109,7 @@ def test_simplification_never_changes_masks_on_random_trees():
         a, b = tree.evaluate(stats), s.tree.evaluate(stats)
         for sp in (0.25, 0.5, 0.75):
             assert torch.equal(prune_mask(a, sp), prune_mask(b, sp)), (str(tree), str(s.tree))
-    assert changed > 20 and rng
+    assert changed > 20  # OOS rewrote enough random trees for the check to mean something
 
 
 @pytest.mark.parametrize("formula,expected", [

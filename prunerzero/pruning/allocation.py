@@ -93,8 +93,11 @@ def exact_counts(ratios: Mapping[str, float], sizes: Mapping[str, int], target: 
         if counts[j] < cap[j]:
             counts[j] += 1
         i += 1
-    while counts.sum() > goal:
-        j = int(np.argmax(counts - np.ceil(low * s)))
+    floor = np.ceil(low * s).astype(np.int64)
+    while counts.sum() > goal:  # the lowest remainders give back, never past a layer's lower bound
+        j = int(np.argmax(counts - floor))
+        if counts[j] <= floor[j]:
+            break
         counts[j] -= 1
     if counts.sum() != goal:
         raise UserError(f"cannot prune exactly {goal} weights within [{low:g}, {high:g}] per layer; widen the range")
