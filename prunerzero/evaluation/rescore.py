@@ -2,7 +2,7 @@
 windows the search never used, before one of them is shipped.
 
 A search picks its best on a small fitness text, so its top ranks are partly chosen by that text's
-noise (``docs/campaign.md``: a 2:4 metric 3.1% better than Wanda on 8 x 512 fitness tokens lost by
+noise (``docs/decisions.md``: a 2:4 metric 3.1% better than Wanda on 8 x 512 fitness tokens lost by
 5.66% on the test split). The re-score measures the top ``top`` trees of the hall of fame and the
 baselines on other windows of the same validation text: longer ones (2048 tokens, as the test is
 measured), none sharing a token with the run's fitness windows or with any calibration window,
