@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from deap import gp
 
 from prunerzero.config import config_from_dict, load_config
@@ -189,13 +190,25 @@ def test_config_validation_names_the_problem(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
-def test_shipped_configs_validate_and_dry_run_loads_nothing(capsys):
+def test_every_shipped_config_validates_and_dry_run_loads_nothing(capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import prunerzero.cli.search as search_cli
     from prunerzero.cli import main
 
-    for name in ("smollm2-135m", "quick", "llama2-7b"):
-        assert main(["search", "--config", f"configs/{name}.yaml", "--dry-run"]) == 0
+    def no_search(*_a, **_k):
+        raise AssertionError("--dry-run started a search")
+
+    monkeypatch.setattr(search_cli, "run_search", no_search)
+    configs = sorted(Path("configs").resolve().glob("*.yaml"))
+    assert len(configs) >= 12
+    monkeypatch.chdir(tmp_path)  # run folders would go under tmp_path/runs; none is made
+    for path in configs:
+        assert main(["search", "--config", str(path), "--dry-run"]) == 0, path.name
         out = json.loads(capsys.readouterr().out)
-        assert out["valid"] and out["fingerprint"]["fitness"]["model"]
+        assert out["valid"] and out["fingerprint"]["fitness"]["model"], path.name
+        assert out["run_dir"].endswith(yaml.safe_load(path.read_text())["name"]), path.name
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_refuses_a_changed_search_space_unless_forced(tmp_path):
