@@ -38,6 +38,20 @@ def test_cells_are_measured_once_and_recorded(tmp_path, setup, monkeypatch):
         json.loads((tmp_path / "cells" / f"{r['key']}.json").read_text())  # strict JSON on disk
     assert by[("wanda", "wikitext2:test")]["sparsity_actual"] == pytest.approx(0.5, abs=0.01)
     assert by[("dense", "c4:validation")]["ppl"] != by[("dense", "wikitext2:test")]["ppl"]
+    # the dense number is the reference protocol's, computed here without prunerzero: test rows joined
+    # with "\n\n", tokenized once, non-overlapping windows, loss averaged over windows
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref_model, tok = AutoModelForCausalLM.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model)
+    with open(f"{data}/wikitext-2/wiki.test.raw", encoding="utf-8") as f:
+        rows = [line if line.strip() else "" for line in f]
+    ids = tok("\n\n".join(rows), return_tensors="pt").input_ids[0][:64].reshape(2, 32)
+    with torch.no_grad():
+        losses = [ref_model(w[None], labels=w[None]).loss.item() for w in ids]
+    assert by[("dense", "wikitext2:test")]["ppl"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-5)
     # a second run measures nothing again
     calls = []
     monkeypatch.setattr(ho, "perplexity", lambda *a, **k: calls.append(1) or (1.0, 1))
@@ -75,12 +89,19 @@ def test_a_search_ends_with_its_heldout_table(tmp_path, setup, capsys):
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["search", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert "| dense | - |" in capsys.readouterr().out
     table = json.loads((tmp_path / "runs" / "r" / "heldout.json").read_text())
     labels = {row["label"] for row in table["rows"]}
     assert labels == {"dense", "magnitude", "wanda", "#1"}
     best = next(row for row in table["rows"] if row["label"] == "#1")
-    assert best["fitness"] > 0 and best["wikitext2:test"] > 0 and best["c4:validation"] > 0
-    assert "| dense | - |" in capsys.readouterr().out
+    state = json.loads((tmp_path / "runs" / "r" / "hall_of_fame.json").read_text())["trees"][0]
+    assert best["tree"] == state["formula"] and best["fitness"] == state["fitness"]
+    # the #1 cell is what `prunerzero prune` gives with the run's calibration, on the same test windows
+    capsys.readouterr()
+    assert main(["prune", "--model", model, "--data-dir", data, "--method", "tree", "--tree", best["tree"],
+                 "--nsamples", "2", "--seqlen", "32", "--max-eval-windows", "2"]) == 0
+    pruned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert best["wikitext2:test"] == pytest.approx(pruned["ppl"], rel=1e-9) and best["c4:validation"] > 1
     # prunerzero heldout on its own: nothing measured again, another budget measured anew
     cells = set((tmp_path / "runs" / "r" / "heldout").glob("*.json"))
     assert main(["heldout", str(tmp_path / "runs" / "r")]) == 0
