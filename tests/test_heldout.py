@@ -67,6 +67,12 @@ def test_cell_keys_depend_on_what_the_number_depends_on():
     for other in (known_cell("wanda", windows=8), known_cell("wanda", windows=4, calib_seed=1),
                   known_cell("wanda", windows=4, text="c4:validation"), known_cell("ria", windows=4)):
         assert other.key() != a.key()
+    obs = Cell("wanda + obs", "tree", tree="mul(abs(W), sqrt(X))", windows=4, update="obs")
+    assert obs.key() != Cell("w", "tree", tree="mul(abs(W), sqrt(X))", windows=4).key()
+    assert obs.key() != Cell("w", "tree", tree="mul(abs(W), sqrt(X))", windows=4, update="obs", obs_scope="row").key()
+    assert obs.pruning() != known_cell("wanda", windows=4).pruning()
+    with pytest.raises(UserError, match="--update obs"):
+        Cell("w", "wanda", update="obs")
     with pytest.raises(UserError, match="not one of"):
         known_cell("wanda", text="wikitext2:validation")
     with pytest.raises(UserError, match="unknown baseline"):

@@ -7,6 +7,7 @@ from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears, resolve_model
 from prunerzero.primitives.known import known_tree
 from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
+from prunerzero.pruning.obs import obs_prune
 from prunerzero.pruning.prune import (
     apply_masks,
     masked_weights,
@@ -14,7 +15,6 @@ from prunerzero.pruning.prune import (
     prune_model,
     restore_masks,
     score_masks,
-    sparsegpt_prune,
 )
 from prunerzero.pruning.stats import (
     compute_gradients,
@@ -186,7 +186,7 @@ def test_sparsegpt_beats_magnitude_on_layer_reconstruction():
     w = torch.randn(32, 64)
     x = torch.randn(512, 64) * torch.exp(torch.randn(64))
     h = 2 * x.t() @ x / x.shape[0]
-    pruned = sparsegpt_prune(w, h, 0.5, Pattern())
+    pruned = obs_prune(w, h, 0.5, Pattern())
     mag = w.masked_fill(prune_mask(w.abs(), 0.5), 0)
     err = lambda v: ((x @ v.t() - x @ w.t()) ** 2).sum()  # noqa: E731
     assert (pruned == 0).float().mean() >= 0.5

@@ -11,7 +11,7 @@ from prunerzero import files
 from prunerzero.data import check_text
 from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears
-from prunerzero.primitives.known import resolve_tree
+from prunerzero.primitives.known import resolve_tree, tree_update
 from prunerzero.pruning.allocation import (
     OWL_LAMBDA,
     OWL_M,
@@ -23,6 +23,7 @@ from prunerzero.pruning.allocation import (
 )
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
+from prunerzero.pruning.obs import SCOPES, UPDATES, check_update
 from prunerzero.pruning.prune import METHODS, prune_model
 from prunerzero.pruning.stats import collect_activation_norms, load_gradients
 
@@ -103,6 +104,11 @@ def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA, help=f"OWL range lambda (default {OWL_LAMBDA:g})")
     p.add_argument("--sparsity-range", default="0,0.99", help="LOW,HIGH: every layer's sparsity stays in it (default 0,0.99)")
     p.add_argument("--save-allocation", default=None, help="write the allocation used as JSON (loadable by --allocation)")
+    p.add_argument("--update", choices=UPDATES, default=None,
+                   help="obs: SparseGPT's weight update, each block's mask picked by --tree (which may read D = "
+                        "1/[H^-1]_jj); default: none, or what a shipped tree file records")
+    p.add_argument("--obs-scope", choices=SCOPES, default="block",
+                   help="with --update obs: rank a block's scores over the whole block (block, as SparseGPT) or per row")
 
 
 def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
@@ -117,11 +123,19 @@ def check_prune_args(args: argparse.Namespace) -> tuple[Any, float, Any]:
         raise UserError("--method tree needs --tree FILE.json (or --tree pruner-zero for the published metric)")
     if args.method != "tree" and tree is not None:
         raise UserError(f"--tree is only used with --method tree, not {args.method}")
+    check_update(update_of(args), args.method, tree)
     if args.gradients and not Path(args.gradients).is_file():
         raise UserError(f"gradient file {args.gradients} does not exist; compute one with `prunerzero gradients`")
     if getattr(args, "allocation", None) is not None:
         check_allocation_args(args, pattern)
     return pattern, sparsity, tree
+
+
+def update_of(args: argparse.Namespace) -> str:
+    """The weight update the flags ask for: --update, else what a shipped tree file records, else none."""
+    if getattr(args, "update", None):
+        return args.update
+    return tree_update(args.tree) if args.method == "tree" and args.tree else "none"
 
 
 def sparsity_range(text: str) -> tuple[float, float]:
@@ -150,7 +164,7 @@ def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
     pattern, sparsity, tree = check_prune_args(args)
     allocation_spec = getattr(args, "allocation", None)
     needs_calib = (args.method in ("wanda", "ria", "sparsegpt") or (tree is not None and tree.terminals & {"X", "G"})
-                   or allocation_spec == "owl")
+                   or allocation_spec == "owl" or update_of(args) == "obs")
     calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
     windows = calib.windows(tokenizer) if needs_calib else None
     gradients = None
@@ -160,7 +174,7 @@ def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
     if allocation_spec is not None:
         allocation, extra = make_allocation(args, model, windows, sparsity)
     report = prune_model(model, args.method, sparsity, pattern, windows=windows, tree=tree, gradients=gradients,
-                         allocation=allocation)
+                         allocation=allocation, update=update_of(args), obs_scope=getattr(args, "obs_scope", "block"))
     if allocation is not None:
         report.allocation = {**allocation.to_json(sparsity), **extra}
         if args.save_allocation:

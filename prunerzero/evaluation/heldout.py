@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -36,6 +36,7 @@ from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, exact_counts, load_allocation, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
+from prunerzero.pruning.obs import check_update
 from prunerzero.pruning.prune import METHODS, prune_model
 from prunerzero.pruning.stats import collect_activation_norms
 
@@ -66,6 +67,8 @@ class Cell:
     allocation: str | None = None  # None: every layer at `sparsity`; "uniform", "owl" or a file (exact counts)
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
+    update: str = "none"  # "obs": SparseGPT's weight update with the tree picking the masks (sparsegpt: its own)
+    obs_scope: str = "block"
 
     def __post_init__(self) -> None:
         if self.method not in (*METHODS, "dense"):
@@ -79,6 +82,8 @@ class Cell:
                             f"not {self.allocation!r}")
         if self.allocation is not None and Pattern.parse(self.pattern).structured:
             raise UserError(f"cell {self.label}: a layerwise allocation needs unstructured sparsity")
+        if self.method != "dense":
+            check_update(self.update, self.method, Tree.parse(self.tree) if self.tree else None)
         if self.text not in TEXTS:
             raise UserError(f"cell {self.label}: text {self.text!r} is not one of {', '.join(TEXTS)}")
 
@@ -87,7 +92,8 @@ class Cell:
         if self.method == "dense":
             return (self.model, "dense")
         return (self.model, self.method, self.tree, self.pattern, self.sparsity, self.nsamples, self.calib_seqlen,
-                self.calib_seed, self.calib_source, self.allocation, self.owl_m, self.owl_lambda)
+                self.calib_seed, self.calib_source, self.allocation, self.owl_m, self.owl_lambda, self.update,
+                self.obs_scope)
 
     def key(self) -> str:
         d = asdict(self)
@@ -98,6 +104,9 @@ class Cell:
         elif self.allocation not in ("uniform", "owl"):  # a file: what it says, not where it lies
             d["allocation"] = "file:" + hashlib.sha256(json.dumps(
                 read_json(self.allocation, "allocation file").get("layers"), sort_keys=True).encode()).hexdigest()[:16]
+        if self.update == "none":  # and cells without a weight update too
+            for k in ("update", "obs_scope"):
+                d.pop(k)
         if self.method == "dense":
             for k in ("tree", "pattern", "sparsity", "nsamples", "calib_seqlen", "calib_seed", "calib_source"):
                 d.pop(k)
@@ -199,7 +208,8 @@ class CellRunner:
             else:
                 allocation = load_allocation(cell.allocation, sizes, cell.sparsity)
         report = prune_model(model, cell.method, cell.sparsity, Pattern.parse(cell.pattern), windows=windows,
-                             tree=tree, gradients=gradients, allocation=allocation)
+                             tree=tree, gradients=gradients, allocation=allocation, update=cell.update,
+                             obs_scope=cell.obs_scope)
         self._sparsity = report.sparsity_actual
         return model, tokenizer, report.seconds
 
@@ -228,8 +238,11 @@ def record_problem(record: Any, cell: Cell) -> str | None:
         return f"a {type(record).__name__}, not a JSON object"
     if record.get("key") != cell.key():
         return f"its key {_short_repr(record.get('key'))} is not the cell's {cell.key()}"
+    defaults = {f.name: f.default for f in fields(Cell)}
     for name, value in asdict(cell).items():
         if name in ("label", "allocation"):  # a label is a name; an allocation file is in the key by content
+            continue
+        if name not in record and value == defaults[name]:  # written before the field existed
             continue
         if name not in record or record[name] != value:
             return f"its {name} is {_short_repr(record.get(name))}, the cell's is {value!r}"

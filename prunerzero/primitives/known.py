@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import TERMINALS
+from prunerzero.files import read_json
+from prunerzero.primitives.registry import OBS_TERMINALS, TERMINALS
 from prunerzero.primitives.tree import Tree
 
 
@@ -59,9 +60,22 @@ def shipped_trees() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED_TREES.glob("*.json"))}
 
 
+def tree_update(spec: str) -> str:
+    """The weight update a shipped tree file (or an export file) records it was found with: ``obs``
+    or ``none`` (files written before updates existed say nothing: none)."""
+    path = shipped_trees().get(spec) or (Path(spec) if spec.endswith(".json") and Path(spec).is_file() else None)
+    if path is None:
+        return "none"
+    data = read_json(path, "tree file")
+    update = data.get("update", "none") if isinstance(data, dict) else "none"
+    if update not in ("none", "obs"):
+        raise UserError(f"tree file {path} records update {update!r}; prunerzero knows none and obs")
+    return update
+
+
 def metric_only(tree: Tree) -> Tree:
-    """The tree, if it is a pruning metric (it reads W, G, X, not allocation features)."""
-    features = sorted(tree.terminals - set(TERMINALS))
+    """The tree, if it is a pruning metric (it reads W, G, X, or D inside the OBS update; not allocation features)."""
+    features = sorted(tree.terminals - set(TERMINALS) - set(OBS_TERMINALS))
     if features:
         raise UserError(f"{tree} reads allocation feature(s) {', '.join(features)}: it is an allocation function, "
                         "not a metric; pass its allocation file to --allocation instead")

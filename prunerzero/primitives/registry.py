@@ -43,6 +43,11 @@ FEATURES: dict[str, str] = {
     "S": "standard deviation of the layer's |scores|",
     "E": "entropy of the layer's |scores| as a distribution, over log(number of weights) (0..1)",
 }
+# Statistics that exist only inside a weight update (``update: obs``, :mod:`prunerzero.pruning.obs`). The
+# letter D is shared with the allocation feature above; the two never meet (metric vs allocation trees).
+OBS_TERMINALS: dict[str, str] = {
+    "D": "per input column, 1 / [H^-1]_jj from SparseGPT's Cholesky factor of the inverse Hessian (update: obs only)",
+}
 LEAVES: tuple[str, ...] = TERMINALS + tuple(FEATURES)  # every named leaf a tree may hold
 # Numeric leaves a tree may hold (canonical text). A search draws from the subset its config names
 # (``search.constants``); any of these is accepted in a tree given by a user.

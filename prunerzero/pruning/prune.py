@@ -28,6 +28,7 @@ from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import Allocation
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
 from prunerzero.pruning.masks import PackedMasks, Pattern, prune_count, prune_mask
+from prunerzero.pruning.obs import SPARSEGPT_TREE, check_update, obs_prune
 
 log = logging.getLogger(__name__)
 
@@ -240,52 +241,6 @@ class Removed:
 
 
 @torch.no_grad()
-def sparsegpt_prune(
-    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-    blocksize: int = 128, percdamp: float = 0.01,
-) -> torch.Tensor:
-    """SparseGPT (Frantar & Alistarh, 2023): choose masks block by block from w^2 / [H^-1]_ii^2 and
-    update the remaining weights with the optimal-brain-surgeon correction. Returns the new weight."""
-    W = weight.detach().clone().float()
-    H = hessian.clone()
-    cols = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    H[torch.arange(cols), torch.arange(cols)] += damp
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise UserError("SparseGPT: the Hessian is not positive definite; use more calibration samples") from None
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d1 = torch.diag(Hinv1)
-        if pattern.structured:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:
-            mask1 = prune_mask(W1**2 / d1.reshape(1, -1) ** 2, sparsity, pattern, group="tensor")
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if pattern.structured and i % pattern.m == 0:
-                group = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].reshape(1, -1) ** 2
-                mask1[:, i : i + pattern.m] = prune_mask(group, sparsity, pattern)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W.to(weight.dtype)
-
-
 def prune_model(
     model: nn.Module,
     method: str,
@@ -297,6 +252,8 @@ def prune_model(
     activations: Mapping[str, torch.Tensor] | None = None,
     removed: Removed | None = None,
     allocation: Allocation | None = None,
+    update: str = "none",
+    obs_scope: str = "block",
 ) -> PruneReport:
     """Prune ``model`` in place and report what was done.
 
@@ -309,23 +266,29 @@ def prune_model(
     ``activations`` given: X is taken from it (the "statistics once per run" mode) and no
     calibration pass is made. Otherwise methods that need X or a Hessian walk the blocks with the
     calibration ``windows`` (the reference, sequential mode).
+
+    ``update="obs"``: SparseGPT's weight reconstruction, each block's mask picked by the tree
+    (:mod:`prunerzero.pruning.obs`; ``sparsegpt`` is the tree ``sqr(mul(W, D))`` with it), ranked over
+    the block (``obs_scope="block"``, the reference) or per row of the block (``"row"``).
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "tree" and tree is None:
         raise UserError("method tree needs a tree: --tree FILE.json (or --tree pruner-zero)")
-    # sparsegpt chooses its own masks inside sparsegpt_prune; the others rank by a tree's scores
+    check_update(update, method, tree)
+    # with the OBS update the rule picks masks inside obs_prune; otherwise scores are ranked once
+    rule = SPARSEGPT_TREE if method == "sparsegpt" else (tree if update == "obs" else None)
     scored = method_tree(method, tree)
     score: ScoreFn = tree_score(scored) if scored is not None else (lambda _n, _s: _s["W"])
     group = comparison_group(method)
-    needs = {"W", "H"} if method == "sparsegpt" else scored.terminals | {"W"}
+    needs = (rule.terminals - {"D"}) | {"W", "H"} if rule is not None else scored.terminals | {"W"}
     if allocation is not None and pattern.structured:
         raise UserError(f"a layerwise allocation needs unstructured sparsity; {pattern} fixes every layer at "
                         f"{pattern.n}/{pattern.m}")
     if allocation is not None and set(allocation.counts) != set(prunable_linears(model)):
         raise UserError("the allocation does not name this model's layers; compute it for this model")
-    if removed is not None and method == "sparsegpt":
-        raise ValueError("sparsegpt changes the weights it keeps; it cannot be undone from what it removed")
+    if removed is not None and rule is not None:
+        raise ValueError("the OBS update changes the weights it keeps; it cannot be undone from what it removed")
     if "G" in needs and gradients is None:
         raise UserError(f"{'tree ' + str(tree) if tree else method} uses G: gradients are needed")
     start = time.perf_counter()
@@ -338,9 +301,11 @@ def prune_model(
         def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStatistics]) -> bool:
             for short, lin in linears.items():
                 name = names[id(lin)]
-                if "H" in needs:
+                if rule is not None:
                     ratio = sparsity if allocation is None else allocation.ratios[name]
-                    lin.weight.data = sparsegpt_prune(lin.weight.data, stats[short].hessian, ratio, pattern)
+                    lin.weight.data = obs_prune(lin.weight.data, stats[short].hessian, ratio, pattern, rule,
+                                                x=stats[short].scaler_row, g=_get(gradients, name), scope=obs_scope,
+                                                name=name, nsamples=stats[short].nsamples)
                 else:
                     s = score(name, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)))
                     mask = layer_mask(name, s, sparsity, pattern, group, _count(allocation, name))
@@ -363,11 +328,12 @@ def prune_model(
             apply_masks(model, masks)
     seconds = time.perf_counter() - start
     counts = measure_sparsity(model)
-    report = PruneReport(method if allocation is None else f"{method} ({allocation.method} allocation)", str(pattern),
+    label = f"{method} + obs" if update == "obs" and method == "tree" else method
+    report = PruneReport(label if allocation is None else f"{label} ({allocation.method} allocation)", str(pattern),
                          sparsity, seconds,
                          {n: z / t for n, (z, t) in counts.items()}, counts)
     log.info("pruned with %s (%s, target %.3f): actual sparsity %.4f in %.1f s",
-             method if method != "tree" else f"tree {tree}", pattern, sparsity, report.sparsity_actual, seconds)
+             method if method != "tree" else f"tree {tree}" + (" + obs" if update == "obs" else ""), pattern, sparsity, report.sparsity_actual, seconds)
     return report
 
 
