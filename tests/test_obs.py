@@ -117,3 +117,20 @@ def test_the_command_line_gives_bit_identical_weights_and_refuses_d_without_the_
         assert main(base + argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("prunerzero: error:") and words in err, err
+
+
+def test_a_tree_file_that_records_its_update_is_pruned_with_it(model_and_data, tmp_path, capsys):
+    import json
+
+    model, data = model_and_data
+    tree = Tree.parse("sqr(mul(W, D))")
+    (tmp_path / "rule.json").write_text(json.dumps({"update": "obs", "trees": [{"rank": 1, "tree": tree.to_json()}]}))
+    base = ["prune", "--model", model, "--data-dir", data, "--nsamples", "4", "--seqlen", "64", "--no-eval"]
+    assert main(base + ["--method", "tree", "--tree", str(tmp_path / "rule.json"), "--save-model", str(tmp_path / "f")]) == 0
+    assert main(base + ["--method", "sparsegpt", "--save-model", str(tmp_path / "s")]) == 0
+    f, s = load_file(tmp_path / "f" / "model.safetensors"), load_file(tmp_path / "s" / "model.safetensors")
+    assert all(torch.equal(f[k], s[k]) for k in s)
+    (tmp_path / "rule.json").write_text(json.dumps({"update": "sgd", "trees": [{"rank": 1, "tree": tree.to_json()}]}))
+    capsys.readouterr()
+    assert main(base + ["--method", "tree", "--tree", str(tmp_path / "rule.json")]) == 2
+    assert "records update 'sgd'" in capsys.readouterr().err
