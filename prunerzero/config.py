@@ -439,7 +439,9 @@ def _check_allocation_search(cfg: SearchConfig) -> None:
     if cfg.heldout is not None:
         raise UserError("the heldout section is for metric searches; measure an allocation run's result with "
                         "prunerzero prune --allocation runs/NAME/allocation.json (remove heldout)")
-    metric_only(resolve_tree(s.metric))
+    if "D" in metric_only(resolve_tree(s.metric)).terminals:
+        raise UserError(f"search.metric {s.metric} reads D (1 / [H^-1]_jj), which exists only inside the OBS update; "
+                        "an allocation search prunes its metric without it: choose a metric of W, G and X")
 
 
 def config_from_dict(data: dict[str, Any]) -> SearchConfig:

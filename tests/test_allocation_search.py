@@ -155,7 +155,8 @@ def test_the_fitness_of_a_searched_allocation_is_that_of_its_counts(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"search": {"terminals": ["W", "D"]}}, "subset of D, T"),
     ({"search": {"operators": ["add", "rown"]}}, "rows or columns"),
-    ({"search": {"metric": "mul(D, W)"}}, "allocation function, not a metric"),
+    ({"search": {"metric": "mul(B, W)"}}, "allocation function, not a metric"),
+    ({"search": {"metric": "mul(D, W)"}}, "only inside the OBS update"),
     ({"search": {"metric": "no-such-metric"}}, "not a known metric"),
     ({"fitness": {"allocation": None}}, "needs fitness.allocation"),
     ({"fitness": {"allocation": {"method": "owl"}}}, "must be searched"),
@@ -173,7 +174,8 @@ def test_bad_allocation_search_configs_get_one_line(change, message):
 
 def test_an_allocation_function_is_refused_as_a_metric():
     with pytest.raises(UserError, match="allocation function, not a metric"):
-        resolve_tree("mul(W, D)")
+        resolve_tree("mul(W, B)")
+    assert resolve_tree("mul(W, D)").terminals == {"W", "D"}  # D of a metric: 1 / [H^-1]_jj, for update: obs
     with pytest.raises(UserError, match="subset of W, G, X for search.space: metric"):
         config_from_dict({"search": {"space": "metric", "terminals": ["W", "D"]}})
     with pytest.raises(UserError, match="mixes weight statistics"):
