@@ -26,7 +26,7 @@ def test_a_run_whose_best_is_wanda_says_so_and_how_to_go_on(tmp_path, capsys):
     wanda = state.cache[symbolic_key(KNOWN_METRICS["wanda"].tree)]["fitness"]
     assert state.hall_of_fame(1)[0]["fitness"] == wanda  # this tiny run does not get past Wanda
     lines = format_verdict(verdict(run, state))
-    assert lines[0].startswith("verdict: no metric beat Wanda in this run (it is wanda")
+    assert lines[0].startswith("verdict: no metric beat Wanda in this run (its best scores as wanda does")
     assert f"--resume {run}" in lines[0] and "--seed" in lines[0]
     assert f"wanda {wanda:.4f} (+0.00%)" in lines[2]
     assert "\n".join(lines) in printed  # the search ends with it
