@@ -6,6 +6,7 @@ search and of the held-out step; the generation where the best first beat Wanda 
 the best against Wanda, RIA and Pruner-Zero there; the held-out rows; and the verdict lines.
 
     SEED=1 bash scripts/search-default.sh > seed1.log 2>&1   # started at epoch second S, ended at E
+    (from the folder holding runs/, so the record names runs/NAME, not a machine path)
     python benchmarks/main_job_record.py runs/smollm2-135m-s1 --output seed1.log --start S --end E \\
         --note "nothing else ran beside it" --out results/main-job/smollm2-135m-s1.json
 """
