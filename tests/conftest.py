@@ -93,3 +93,10 @@ def local_data(folder, lines: int = 60):
     pq.write_table(pa.table({"text": [f"Document {i}: the dog and the fox." for i in range(lines)]}),
                    folder / "c4" / "c4_validation_2k.parquet")
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    """A tiny model folder and a local data folder, made once per test module (for command-line tests)."""
+    root = tmp_path_factory.mktemp("md")
+    return str(tiny_model_folder(root / "model")), str(local_data(root / "data"))

@@ -15,7 +15,6 @@ from prunerzero.fitness.reconstruction import ReconstructionEvaluator
 from prunerzero.primitives.tree import Tree
 from prunerzero.runs import run_search
 from prunerzero.search import checkpoint as ckpt
-from tests.conftest import local_data, tiny_model_folder
 
 RECON = {"seed": 3, "search": {"population": 8, "generations": 2}, "evaluator": {"type": "reconstruction"}}
 
@@ -145,12 +144,6 @@ def test_a_nan_fitness_is_the_worst_with_its_reason(tmp_path):
     nan = [r for r in state.cache.values() if "not a finite number" in r.get("reason", "")]
     assert nan and all(r["fitness"] == WORST_FITNESS for r in nan)
     json.loads((cfg.run_dir / ckpt.STATE).read_text(), parse_constant=lambda c: pytest.fail(c))
-
-
-@pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("md")
-    return str(tiny_model_folder(root / "model")), str(local_data(root / "data"))
 
 
 def test_prune_refuses_degenerate_trees_and_bad_inputs(model_and_data, tmp_path, capsys):

@@ -11,7 +11,7 @@ from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import Pattern, prune_mask
 from prunerzero.pruning.obs import SPARSEGPT_TREE, UnrankableBlock, obs_prune
 from prunerzero.pruning.prune import prune_model
-from tests.conftest import local_data, tiny_llama, tiny_model_folder
+from tests.conftest import tiny_llama
 
 
 def reference_sparsegpt(weight, hessian, sparsity, pattern, blocksize=128, percdamp=0.01):
@@ -92,12 +92,6 @@ def test_method_sparsegpt_and_its_tree_with_the_update_give_identical_models(pat
     prune_model(b, "tree", 0.5, Pattern.parse(pattern), windows=windows, tree=Tree.parse("sqr(mul(W, D))"), update="obs")
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), n
-
-
-@pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("obs")
-    return str(tiny_model_folder(root / "model")), str(local_data(root / "data"))
 
 
 def test_the_command_line_gives_bit_identical_weights_and_refuses_d_without_the_update(model_and_data, tmp_path, capsys):

@@ -17,7 +17,6 @@ from prunerzero import files
 from prunerzero.cli import main
 from prunerzero.evaluation.heldout import CellRunner, known_cell
 from prunerzero.search import checkpoint as ckpt
-from tests.conftest import local_data, tiny_model_folder
 
 RECON = {"seed": 3, "search": {"population": 8, "generations": 2}, "evaluator": {"type": "reconstruction"}}
 
@@ -48,12 +47,6 @@ def snapshot(*folders):
             if p.is_file():
                 out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), stat.S_IMODE(p.stat().st_mode))
     return out
-
-
-@pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("md")
-    return str(tiny_model_folder(root / "model")), str(local_data(root / "data"))
 
 
 @pytest.fixture
