@@ -24,7 +24,7 @@ from prunerzero.fitness.model_fitness import ModelFitness
 from prunerzero.primitives.known import resolve_tree
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import exact_counts
-from prunerzero.runs import _run_config, fitness_settings
+from prunerzero.runfolder import fitness_settings, run_config
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run = Path(args.run)
-    cfg = _run_config(run)
+    cfg = run_config(run)
     a = cfg.fitness.allocation
     metric = resolve_tree(cfg.search.metric)
     best = json.loads((run / "allocation.json").read_text())["function"]

@@ -35,12 +35,12 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from prunerzero.evaluation.heldout import evaluation_tokens
-from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.files import write_json
 from prunerzero.fitness.model_fitness import FORWARD_TOKENS, ModelFitness
+from prunerzero.perplexity import window_losses
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.prune import masked_weights
-from prunerzero.runs import _run_config, fitness_settings
+from prunerzero.runfolder import fitness_settings, run_config
 
 log = logging.getLogger("fidelity")
 
@@ -56,7 +56,7 @@ def record_name(formula: str) -> str:
 
 def measure(args: argparse.Namespace, out: Path) -> None:
     run_dir = Path(args.run)
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     base = fitness_settings(cfg)
     settings = replace(base, windows=max(args.budgets))
     entries = top_trees(run_dir, args.top)

@@ -32,11 +32,12 @@ from deap import gp
 
 from prunerzero.config import load_config
 from prunerzero.fitness.model_fitness import ModelFitness
+from prunerzero.models import resolve_model
 from prunerzero.primitives.deap_set import primitive_set, to_tree
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.registry import DEFAULT_OPERATORS
 from prunerzero.primitives.tree import Tree
-from prunerzero.runs import fitness_settings
+from prunerzero.runfolder import fitness_settings
 from prunerzero.search.simplify import Simplifier
 
 log = logging.getLogger("benchmark")
@@ -208,8 +209,6 @@ def plot_study(study: dict, path: Path) -> None:
 
 
 def _source(settings):
-    from prunerzero.models import resolve_model
-
     return resolve_model(settings.model)
 
 

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 from prunerzero.primitives.tree import Tree
-from prunerzero.runs import _model_evaluator, _run_config
+from prunerzero.runfolder import run_config
+from prunerzero.runs import model_evaluator
 
 logging.basicConfig(level=logging.WARNING)
 run = Path(sys.argv[1])
-cfg = _run_config(run)
-ev = _model_evaluator(cfg)
+cfg = run_config(run)
+ev = model_evaluator(cfg)
 trees = [Tree.parse(f) for f in sys.argv[2:]]
 for t, r in zip(trees, ev.evaluate(trees)):
     print(f"{r.fitness:.4f}  {t}")

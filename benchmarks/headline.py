@@ -27,13 +27,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from prunerzero.choices import BASELINE_NAMES
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
 from prunerzero.models import pick_device
 from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
 from prunerzero.primitives.tree import Tree
 
-BASELINES = ("dense", "magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
 COLUMNS = (("50%", "unstructured", 0.5, None), ("50% (first 32)", "unstructured", 0.5, 32),
            ("2:4", "2:4", 0.5, None), ("4:8", "4:8", 0.5, 32),
            ("60%", "unstructured", 0.6, 32), ("70%", "unstructured", 0.7, 32))
@@ -65,7 +65,7 @@ def cell_for(row: str, formula: str | None, pattern: str, sparsity: float, **kw)
 
 def grid() -> dict[str, list[tuple[str, str, Cell]]]:
     """Tables -> (row, column, cell)."""
-    rows = [(b, None) for b in BASELINES] + discovered()
+    rows = [(b, None) for b in BASELINE_NAMES] + discovered()
     tables: dict[str, list[tuple[str, str, Cell]]] = {"wikitext2": [], "c4": [], "seeds": []}
     for row, formula in rows:
         for col, pattern, sparsity, windows in COLUMNS:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from prunerzero.data import eval_tokens
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.models import load_model
+from prunerzero.perplexity import perplexity
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern
 from prunerzero.pruning.prune import PRUNER_ZERO_TREE, prune_model

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from prunerzero.evaluation.plots import _pyplot, _save
+from prunerzero.evaluation.plots import pyplot, save_png
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("--title", default="best fitness per generation")
     args = p.parse_args()
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(9, 4.8 + 0.25 * len(args.records)))
@@ -56,7 +56,7 @@ def main() -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the curves keep the plot
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, args.out)
+    save_png(fig, args.out)
     log.info("wrote %s", args.out)
 
 

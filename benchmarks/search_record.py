@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero.files import write_json
-from prunerzero.runs import ENVIRONMENT, _run_config
+from prunerzero.runfolder import run_config
+from prunerzero.runs import ENVIRONMENT
 from prunerzero.search import checkpoint as ckpt
 from prunerzero.search.checkpoint import reference_fitness
 
@@ -36,7 +37,7 @@ PER_GENERATION_KEYS = ("generation", "best", "best_tree", "median", "unique_eval
 
 
 def record(run: Path, command: str, wall_seconds: float | None, code: str | None = None) -> dict[str, Any]:
-    cfg = _run_config(run)
+    cfg = run_config(run)
     state = json.loads((run / "state.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     hall = json.loads((run / "hall_of_fame.json").read_text())["trees"]

@@ -20,19 +20,19 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from prunerzero.config import check_run_name
+from prunerzero.config_rules import check_run_name
 from prunerzero.errors import UserError
 from prunerzero.evaluation.rescore import best_rescored
 from prunerzero.files import read_json, write_json
 from prunerzero.primitives.known import KNOWN_METRICS, SHIPPED_TREES
-from prunerzero.runs import _run_config
+from prunerzero.runfolder import run_config
 from prunerzero.search import checkpoint as ckpt
 
 
 def shipped_metric(run: Path, name: str, description: str, config: str, record: str | None,
                    rank: int | None = None, code: str | None = None, rescore: Path | None = None,
                    even_if_it_loses: bool = False) -> dict[str, Any]:
-    cfg = _run_config(run)
+    cfg = run_config(run)
     if cfg.search.space != "metric":
         raise UserError(f"{run} is an allocation search; ship its allocation file, not a metric")
     if rank is not None and rank < 1:

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from prunerzero.data import calibration_windows, fitness_tokens
-from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.models import load_model, prunable_linears
+from prunerzero.perplexity import window_losses
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.layer_masks import layer_stats
 from prunerzero.pruning.masks import Pattern, prune_mask
-from prunerzero.pruning.prune import layer_stats, masked_weights
+from prunerzero.pruning.prune import masked_weights
 from prunerzero.pruning.stats import collect_activation_norms
 
 

@@ -9,28 +9,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from prunerzero.data import check_text
-from prunerzero.errors import UserError
-from prunerzero.primitives.known import KNOWN_METRICS, metric_only, resolve_tree, shipped_trees
+from prunerzero.choices import (
+    BASELINES,
+    HELDOUT_TEXTS,
+)
+from prunerzero.config_rules import validate
+from prunerzero.errors import UserError, short_repr
+from prunerzero.files import load_yaml
 from prunerzero.primitives.registry import (
     CONSTANTS,
     DEFAULT_OPERATORS,
-    FEATURES,
-    OPERATORS,
     TERMINALS,
     constant_name,
     is_constant,
 )
-from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.masks import Pattern, check_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +76,9 @@ class FitnessSection:
     # None: every candidate on the full budget. Else one rung of successive halving per batch.
     multi_fidelity: typing.Optional["MultiFidelitySection"] = None
     allocation: typing.Optional[AllocationSection] = None  # null: every layer at `sparsity`
+    # "obs": each candidate picks the masks inside SparseGPT's weight update (the terminal D exists there)
+    update: str = "none"
+    obs_scope: str = "block"  # where the rule's scores are ranked inside the update: the block, or each row
 
 
 @dataclass
@@ -94,8 +94,8 @@ class HeldoutSection:
     pattern, measured on the test texts. The fitness text is never one of them."""
 
     top_k: int = 3
-    baselines: list = field(default_factory=lambda: ["magnitude", "wanda", "ria", "sparsegpt", "pruner-zero"])
-    texts: list = field(default_factory=lambda: ["wikitext2:test", "c4:validation"])
+    baselines: list = field(default_factory=lambda: list(BASELINES))
+    texts: list = field(default_factory=lambda: list(HELDOUT_TEXTS))
     windows: typing.Optional[int] = 8  # evaluation windows per text; null: the whole split
     seqlen: int = 1024
 
@@ -174,16 +174,6 @@ LIMITS = {"search.population": 100_000, "search.generations": 1_000_000, "search
           "heldout.top_k": 1000, "heldout.windows": 1_000_000, "heldout.seqlen": 1_000_000,
           "seed": 2**32 - 1, "calibration.seed": 2**32 - 1}
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def check_run_name(name: Any, where: str = "name") -> str:
-    """A run name is a plain folder name: no separators, no '.' or '..', no absolute path."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise UserError(f"{where} must be a plain folder name (letters, digits, '.', '_', '-'; no '/'), got {name!r}")
-    return name
-
-
 def _check_type(value: Any, kind: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     if origin is typing.Union:
@@ -196,7 +186,7 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
         if where.endswith(".range"):
             if (not isinstance(value, list) or len(value) != 2
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-                raise UserError(f"{where} must be [LOW, HIGH], got {_short(value)}")
+                raise UserError(f"{where} must be [LOW, HIGH], got {short_repr(value)}")
             return [float(v) for v in value]
         if where.endswith(".constants"):
             if not isinstance(value, list) or not all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
@@ -209,7 +199,7 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
             return names
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             items = "formulas such as mul(abs(W), sqrt(X))" if where.endswith(".seed_trees") else "names"
-            raise UserError(f"{where} must be a list of {items}, got {_short(value)}")
+            raise UserError(f"{where} must be a list of {items}, got {short_repr(value)}")
         return value
     if where.endswith(".pattern") and isinstance(value, int) and not isinstance(value, bool) and 0 < value < 3600:
         # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124: read it back, and say so
@@ -218,7 +208,7 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
                     where, value, n, m, n, m)
         return f"{n}:{m}"
     if kind in (int, float, str, bool) and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-        raise UserError(f"{where} must be {kind.__name__}, got {type(value).__name__} {_short(value)}")
+        raise UserError(f"{where} must be {kind.__name__}, got {type(value).__name__} {short_repr(value)}")
     if kind is float and value != value:
         raise UserError(f"{where} must be a number, got NaN")
     limit = LIMITS.get(where)
@@ -229,16 +219,11 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
 def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {_short(data)}")
+        raise UserError(f"{where or 'the config'} must be a mapping of keys to values, got {short_repr(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
@@ -259,239 +244,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
-def _positive(value: float, where: str) -> None:
-    if value <= 0:
-        raise UserError(f"{where} must be positive, got {value}")
-
-
-def validate(cfg: SearchConfig) -> SearchConfig:
-    """Cross-field checks: impossible values are refused with the way out."""
-    s, f, e, c = cfg.search, cfg.fitness, cfg.evaluator, cfg.calibration
-    check_sparsity(f.sparsity, Pattern.parse(f.pattern))
-    check_text(c.source, c.split, "calibration", c.data_dir)  # the test split never calibrates nor selects
-    check_text(f.text, f.split, "fitness", c.data_dir)
-    if f.stats_mode not in ("once", "sequential"):
-        raise UserError(f"fitness.stats_mode must be 'once' or 'sequential', got {f.stats_mode!r}")
-    if s.algorithm not in ("generational", "steady_state"):
-        raise UserError(f"search.algorithm must be 'generational' or 'steady_state', got {s.algorithm!r}")
-    if e.type not in ("inprocess", "ray", "reconstruction"):
-        raise UserError(f"evaluator.type must be inprocess, ray or reconstruction, got {e.type!r}")
-    for name in ("population", "generations", "tournament_size", "max_height", "max_size", "hall_of_fame",
-                 "top_k", "steps_per_generation", "init_max_depth"):
-        _positive(getattr(s, name), f"search.{name}")
-    for name in ("nsamples", "seqlen", "gradient_nsamples", "gradient_seqlen"):
-        if getattr(c, name) is not None:
-            _positive(getattr(c, name), f"calibration.{name}")
-    for name in ("seqlen", "windows"):
-        _positive(getattr(f, name), f"fitness.{name}")
-    mf = f.multi_fidelity
-    if mf is not None:
-        if e.type == "reconstruction":
-            raise UserError("fitness.multi_fidelity needs a model evaluator (inprocess or ray), not reconstruction")
-        if not 0 < mf.low_windows < f.windows:
-            raise UserError(f"fitness.multi_fidelity.low_windows must be within [1, fitness.windows - 1 = "
-                            f"{f.windows - 1}], got {mf.low_windows}; raise fitness.windows or drop multi_fidelity")
-        if not 0 < mf.promote <= 1:
-            raise UserError(f"fitness.multi_fidelity.promote must be a fraction in (0, 1], got {mf.promote}")
-    for name in ("workers", "threads_per_worker", "timeout_s"):
-        _positive(getattr(e, name), f"evaluator.{name}")
-    if e.cpus_per_worker < 0 or e.gpus_per_worker < 0:
-        raise UserError("evaluator.cpus_per_worker and gpus_per_worker must not be negative")
-    for name in ("crossover_prob", "mutation_prob"):
-        if not 0 <= getattr(s, name) <= 1:
-            raise UserError(f"search.{name} must be within [0, 1], got {getattr(s, name)}")
-    if s.init_min_depth < 0 or s.init_min_depth > s.init_max_depth:
-        raise UserError(f"search.init_min_depth must be within [0, init_max_depth={s.init_max_depth}], got {s.init_min_depth}")
-    if s.init_max_depth > s.max_height:
-        raise UserError(f"search.init_max_depth ({s.init_max_depth}) exceeds search.max_height ({s.max_height})")
-    if s.elites >= s.population or s.elites < 0:
-        raise UserError(f"search.elites must be within [0, population), got {s.elites}")
-    if s.distinct_masks and s.algorithm != "steady_state":
-        raise UserError("search.distinct_masks needs search.algorithm: steady_state (a generational population is "
-                        "replaced whole); set algorithm: steady_state or remove distinct_masks")
-    if s.patience is not None and (isinstance(s.patience, bool) or not isinstance(s.patience, int) or s.patience < 1):
-        raise UserError(f"search.patience must be a whole number of generations, at least 1, got {_short(s.patience)}; "
-                        "remove it to run all search.generations")
-    if not isinstance(s.min_improvement, (int, float)) or not 0 <= s.min_improvement < 1:
-        raise UserError(f"search.min_improvement must be a fraction within [0, 1) (0.001 is 0.1%), got "
-                        f"{_short(s.min_improvement)}")
-    if s.in_flight is not None:
-        if s.algorithm != "steady_state":
-            raise UserError("search.in_flight needs search.algorithm: steady_state")
-        if s.batch is not None:
-            raise UserError("search.in_flight and search.batch exclude each other: in_flight breeds a child as each "
-                            "result comes in; remove one of them")
-        if not 0 < s.in_flight <= s.population:
-            raise UserError(f"search.in_flight must be within [1, population={s.population}], got {s.in_flight}")
-        if cfg.fitness.multi_fidelity is not None:
-            raise UserError("search.in_flight cannot be used with fitness.multi_fidelity (a rung ranks a whole batch); "
-                            "use search.batch, or remove fitness.multi_fidelity")
-    if s.batch is not None and not 0 < s.batch <= s.steps_per_generation:
-        raise UserError(f"search.batch must be within [1, steps_per_generation={s.steps_per_generation}], got {s.batch}")
-    if s.algorithm == "steady_state" and (s.top_k < 2 or s.top_k > s.population):
-        raise UserError(f"search.top_k must be within [2, population={s.population}], got {s.top_k}")
-    if s.tournament_size > s.population:
-        raise UserError(f"search.tournament_size ({s.tournament_size}) exceeds the population ({s.population})")
-    unknown = [o for o in s.operators if o not in OPERATORS]
-    if unknown:
-        raise UserError(f"search.operators: unknown {', '.join(unknown)}; known: {', '.join(sorted(OPERATORS))}")
-    if s.space not in ("metric", "allocation"):
-        raise UserError(f"search.space must be metric or allocation, got {s.space!r}")
-    leaves = TERMINALS if s.space == "metric" else tuple(FEATURES)
-    bad = [t for t in s.terminals if t not in leaves]
-    if bad or not s.terminals:
-        hint = "" if s.space == "metric" else f" (allocation features: {'; '.join(f'{k}: {v}' for k, v in FEATURES.items())})"
-        raise UserError(f"search.terminals must be a non-empty subset of {', '.join(leaves)} for search.space: "
-                        f"{s.space}, got {s.terminals}{hint}")
-    if s.space == "allocation":
-        _check_allocation_search(cfg)
-    _check_seed_trees(s)
-    if len(set(s.operators)) != len(s.operators) or len(set(s.terminals)) != len(s.terminals):
-        raise UserError("search.operators and search.terminals must not repeat names")
-    if len(set(s.constants)) != len(s.constants):
-        raise UserError("search.constants must not repeat values")
-    if "pow" in s.operators and not s.constants:
-        raise UserError("search.operators has pow, which needs constant exponents: list some in search.constants "
-                        "(e.g. [0.25, 0.5, 2]) or drop pow")
-    a = f.allocation
-    if a is not None:
-        methods = ("uniform", "owl") if s.space == "metric" else ("searched",)
-        if a.method not in methods:
-            raise UserError(f"fitness.allocation.method must be {' or '.join(methods)} with search.space: {s.space}, "
-                            f"got {a.method!r}")
-        if Pattern.parse(f.pattern).structured:
-            raise UserError(f"fitness.allocation needs fitness.pattern: unstructured ({f.pattern} fixes every layer)")
-        low, high = a.range
-        if not 0 <= low <= f.sparsity <= high < 1:
-            raise UserError(f"fitness.allocation.range {a.range} cannot reach the target sparsity {f.sparsity}; "
-                            "it needs 0 <= LOW <= sparsity <= HIGH < 1")
-        if not 0 <= a.lam < 1 or a.m <= 0:
-            raise UserError(f"fitness.allocation needs 0 <= lam < 1 and m > 0, got lam {a.lam}, m {a.m}")
-    if c.source == "c4" and f.text == "c4":
-        raise UserError("calibration.source and fitness.text are both c4: their windows could overlap; use "
-                        "fitness.text: wikitext2 (validation), whose windows are kept apart from calibration windows")
-    h = cfg.heldout
-    if h is not None:
-        if h.top_k < 0:
-            raise UserError(f"heldout.top_k must not be negative, got {h.top_k}")
-        _positive(h.seqlen, "heldout.seqlen")
-        if h.windows is not None:
-            _positive(h.windows, "heldout.windows")
-        bad = [t for t in h.texts if t not in ("wikitext2:test", "c4:validation")]
-        if bad or not h.texts:
-            raise UserError(f"heldout.texts must be among wikitext2:test and c4:validation, got {h.texts}")
-        known = ("dense", "magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
-        bad = [b for b in h.baselines if b not in known]
-        if bad:
-            raise UserError(f"heldout.baselines: unknown {', '.join(bad)}; known: {', '.join(known)}")
-    check_run_name(cfg.name)
-    return cfg
-
-
-def seed_tree(spec: str, space: str) -> Tree:
-    """A ``search.seed_trees`` entry as a tree: a formula, or (metric space) a known or shipped name."""
-    if space == "metric" and (spec in KNOWN_METRICS or spec in shipped_trees()):
-        return resolve_tree(spec)
-    # a formula only, never a file: the config alone must say what generation 0 holds
-    return Tree.parse(spec) if space == "allocation" else metric_only(Tree.parse(spec))
-
-
-def _check_seed_trees(s: SearchSection) -> None:
-    """Every seed must be a tree of this search's space, so generation 0 holds it as written."""
-    if not isinstance(s.seed_trees, list):
-        raise UserError(f"search.seed_trees must be a list of formulas, got {_short(s.seed_trees)}")
-    if len(s.seed_trees) > s.population:
-        raise UserError(f"search.seed_trees has {len(s.seed_trees)} trees, more than search.population "
-                        f"({s.population}); drop some or raise the population")
-    for i, spec in enumerate(s.seed_trees):
-        where = f"search.seed_trees[{i}]"
-        if not isinstance(spec, str):
-            raise UserError(f"{where} must be a formula such as mul(abs(W), sqrt(X)), got {_short(spec)}")
-        try:
-            tree = seed_tree(spec, s.space)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        outside = sorted((tree.terminals - set(s.terminals)) | (tree.operators - set(s.operators)))
-        outside += sorted(tree.constants - {constant_name(c) for c in s.constants})
-        if outside:
-            raise UserError(f"{where} {tree} uses {', '.join(outside)}, not in this search's operators, terminals "
-                            "or constants; add them there or drop the seed")
-        if tree.height > s.max_height or len(tree) > s.max_size:
-            raise UserError(f"{where} {tree} has height {tree.height} and size {len(tree)}, beyond search.max_height "
-                            f"{s.max_height} or max_size {s.max_size}; raise those or drop the seed")
-
-
-def _check_allocation_search(cfg: SearchConfig) -> None:
-    """An allocation search: functions over per-layer features, the metric fixed."""
-    s, f = cfg.search, cfg.fitness
-    axis = [o for o in s.operators if OPERATORS[o].axis is not None]
-    if axis:
-        raise UserError(f"search.operators {', '.join(axis)} work along a weight's rows or columns; an allocation "
-                        "function reads one value per layer: drop them")
-    if f.allocation is None:
-        raise UserError("search.space: allocation needs fitness.allocation: {method: searched, lam: 0.08, range: "
-                        "[0.0, 0.99]} (lam: how far a layer may move from the target, as OWL's lambda)")
-    if cfg.evaluator.type != "inprocess":
-        raise UserError(f"search.space: allocation runs in-process only; set evaluator.type: inprocess, not "
-                        f"{cfg.evaluator.type}")
-    if f.multi_fidelity is not None:
-        raise UserError("search.space: allocation does not take fitness.multi_fidelity; remove it")
-    if cfg.heldout is not None:
-        raise UserError("the heldout section is for metric searches; measure an allocation run's result with "
-                        "prunerzero prune --allocation runs/NAME/allocation.json (remove heldout)")
-    if "D" in metric_only(resolve_tree(s.metric)).terminals:
-        raise UserError(f"search.metric {s.metric} reads D (1 / [H^-1]_jj), which exists only inside the OBS update; "
-                        "an allocation search prunes its metric without it: choose a metric of W, G and X")
-
-
 def config_from_dict(data: dict[str, Any]) -> SearchConfig:
     return validate(_build(SearchConfig, data, ""))
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML without aliases (an alias bomb expands a few lines into gigabytes) and without
-    duplicate keys (the second would silently win)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise UserError(f"YAML aliases (*{event.anchor}) are not accepted in a config (line "
-                            f"{event.start_mark.line + 1}); write the values out")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise UserError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one")
-            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(path: str | Path, what: str = "config file") -> Any:
-    """One YAML loader for every user file: safe, no aliases, no duplicate keys, one-line errors."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; give a YAML file")
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as e:
-        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except RecursionError:
-        raise UserError(f"{what} {path} is nested too deeply") from None
 
 
 def config_mapping(data: Any, path: str | Path) -> dict[str, Any]:
     """A config file's content must be a non-empty mapping: an empty file (or ``false``) is no search."""
     if not isinstance(data, dict) or not data:
-        raise UserError(f"config {path} is empty or not a mapping of keys to values (it reads as {_short(data)}); "
+        raise UserError(f"config {path} is empty or not a mapping of keys to values (it reads as {short_repr(data)}); "
                         "start from configs/quick.yaml")
     return data
 

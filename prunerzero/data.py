@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from prunerzero.choices import HELDOUT_TEXTS
 from prunerzero.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def eval_tokens(tokenizer: object, source: str = "wikitext2", split: str = "test
 
 
 # The texts final tables are measured on: they never calibrate, fit or select anything.
-HELD_OUT_TEXTS = (("wikitext2", "test"), ("c4", "validation"))
+HELD_OUT_TEXTS = tuple(tuple(text.split(":")) for text in HELDOUT_TEXTS)  # (source, split)
 SPLITS = {"wikitext2": tuple(_WIKITEXT_FILES), "c4": tuple(_C4_FILES)}
 
 

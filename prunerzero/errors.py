@@ -39,3 +39,9 @@ def write_error(path: str | Path | None, error: OSError) -> UserError:
     if code == errno.ENAMETOOLONG:
         return UserError(f"the name {where} is too long for the file system; give a shorter one")
     return UserError(f"cannot write {where}: {error.strerror or error}")
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import yaml
+
 from prunerzero.errors import UserError, write_error  # noqa: F401 (write_error: for the commands)
 
 RUN_CHECKPOINT = "state.json"  # what makes a folder a run folder
@@ -188,3 +190,43 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise UserError(f"{what} {path} is nested too deeply to be a prunerzero file") from None
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{what} {path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (an alias bomb expands a few lines into gigabytes) and without
+    duplicate keys (the second would silently win)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UserError(f"YAML aliases (*{event.anchor}) are not accepted in a config (line "
+                            f"{event.start_mark.line + 1}); write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UserError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """One YAML loader for every user file: safe, no aliases, no duplicate keys, one-line errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a YAML file")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply") from None

@@ -7,14 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prunerzero.config import (
-    CalibrationSection,
-    HeldoutSection,
-    SearchConfig,
-    config_from_dict,
-    config_mapping,
-    load_yaml,
-)
+from prunerzero.config import HeldoutSection, SearchConfig
 from prunerzero.environment import differences, environment
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import (
@@ -24,10 +17,10 @@ from prunerzero.evaluation.heldout import (
     known_cell,
     summary,
 )
-from prunerzero.files import RUN_START_FILES, is_run_folder, read_json, write_json
+from prunerzero.files import RUN_START_FILES, is_run_folder, load_yaml, read_json, write_json
 from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.fitness.base import Evaluator, mask_cache_key
-from prunerzero.fitness.model_fitness import FitnessSettings, InProcessEvaluator, ModelFitness
+from prunerzero.fitness.model_fitness import InProcessEvaluator, ModelFitness
 from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
 from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
@@ -37,43 +30,12 @@ from prunerzero.primitives.known import resolve_tree
 from prunerzero.primitives.registry import FEATURES
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
+from prunerzero.runfolder import best_trees, fitness_settings, run_config
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.engine import GeneticSearch, SearchState
+from prunerzero.search.engine import GeneticSearch
+from prunerzero.search.state import SearchState
 
 log = logging.getLogger(__name__)
-
-
-def _run_config(run_dir: Path) -> SearchConfig:
-    if not (run_dir / ckpt.CONFIG).is_file():
-        raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
-    cfg = config_from_dict(config_mapping(_load_yaml(run_dir / ckpt.CONFIG), run_dir / ckpt.CONFIG))
-    cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
-    return cfg
-
-
-def _load_yaml(path: Path) -> Any:
-    return load_yaml(path, "run config")
-
-
-def fitness_settings(cfg: SearchConfig, resolve_device: bool = True) -> FitnessSettings:
-    c, f, a = cfg.calibration, cfg.fitness, cfg.fitness.allocation
-    alloc = {} if a is None or a.method == "searched" else {"allocation": a.method, "owl_m": a.m, "owl_lambda": a.lam,
-                                  "sparsity_range": (a.range[0], a.range[1])}
-    return FitnessSettings(
-        model=cfg.model.name, sparsity=f.sparsity, pattern=f.pattern,
-        calibration=Calibration(c.source, c.split, c.nsamples, c.seqlen, c.seed, c.data_dir),
-        gradient_calibration=gradient_calibration(c),
-        text=f.text, split=f.split, seqlen=f.seqlen, windows=f.windows, stats_mode=f.stats_mode,
-        device=pick_device(cfg.model.device) if resolve_device else cfg.model.device, **alloc,
-    )
-
-
-def gradient_calibration(c: CalibrationSection) -> Calibration | None:
-    """The windows G is computed from when they differ from X's (``calibration.gradient_*``)."""
-    if c.gradient_nsamples is None and c.gradient_seqlen is None:
-        return None
-    return Calibration(c.source, c.split, c.gradient_nsamples or c.nsamples, c.gradient_seqlen or c.seqlen, c.seed,
-                       c.data_dir)
 
 
 def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
@@ -101,14 +63,14 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
 
 
 def make_evaluator(cfg: SearchConfig) -> Evaluator:
-    evaluator = _model_evaluator(cfg)
+    evaluator = model_evaluator(cfg)
     mf = cfg.fitness.multi_fidelity
     if mf is None:
         return evaluator
     return MultiFidelityEvaluator(evaluator, mf.low_windows, mf.promote)
 
 
-def _model_evaluator(cfg: SearchConfig) -> Evaluator:
+def model_evaluator(cfg: SearchConfig) -> Evaluator:
     e = cfg.evaluator
     if e.type == "reconstruction":
         return ReconstructionEvaluator(sparsity=cfg.fitness.sparsity, pattern=cfg.fitness.pattern, seed=cfg.seed)
@@ -212,7 +174,7 @@ def _run_search_locked(cfg: SearchConfig, resume: bool, force: bool, generations
         check_state_belongs(run_dir, state)
         changes = ckpt.fingerprint_changes(old_fp, fp)
         if (run_dir / ckpt.CONFIG).is_file():
-            changes += [c for c in config_changes(_load_yaml(run_dir / ckpt.CONFIG), cfg.to_dict()) if c not in changes]
+            changes += [c for c in config_changes(load_yaml(run_dir / ckpt.CONFIG, "run config"), cfg.to_dict()) if c not in changes]
         if changes and not force:
             raise UserError(f"refusing to resume {run_dir}: the config changed ({'; '.join(changes)}); the search "
                             "would not continue as it began. Start a new run (another name), or pass --force")
@@ -275,7 +237,7 @@ def check_state_belongs(run_dir: Path, state: SearchState) -> None:
     run (another population size) would otherwise go on with that run's population."""
     if not (run_dir / ckpt.CONFIG).is_file() or state.generation < 0:
         return
-    saved = _load_yaml(run_dir / ckpt.CONFIG)
+    saved = load_yaml(run_dir / ckpt.CONFIG, "run config")
     size = ((saved or {}).get("search") or {}).get("population") if isinstance(saved, dict) else None
     if isinstance(size, int) and len(state.population) != size:
         raise UserError(f"{run_dir / ckpt.STATE} holds a population of {len(state.population)} but the run's "
@@ -320,7 +282,7 @@ def write_best_allocation(run_dir: Path, cfg: SearchConfig, state: SearchState, 
 def apply_allocation_function(run_dir: Path, sparsity: float, out: Path, function: str | None = None) -> dict[str, Any]:
     """Write the allocation an allocation run's function (its best, or ``function``) gives at another
     target ``sparsity``: the run's model, statistics, metric, lambda, M and range; no fitness is measured."""
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     if cfg.search.space != "allocation":
         raise UserError(f"{run_dir} searched metrics, not allocation functions; allocate needs an allocation run "
                         "(search.space: allocation)")
@@ -362,9 +324,11 @@ def heldout_cells(cfg: SearchConfig, state: SearchState, h: HeldoutSection) -> l
     calib = heldout_calibration(cfg)
     common = dict(windows=h.windows, seqlen=h.seqlen, nsamples=calib.nsamples, calib_seqlen=calib.seqlen,
                   calib_seed=c.seed, calib_source=c.source, model=cfg.model.name)
-    top = [(f"#{r['rank']}", r["formula"]) for r in ckpt.export_trees(state, h.top_k)["trees"]]
+    top = [(f"#{r['rank']}", r["formula"]) for r in best_trees(state, h.top_k)]
     cells = [known_cell("dense", text=t, **common) for t in h.texts]
-    return cells + cells_for(top, [b for b in h.baselines if b != "dense"], [f.pattern], [f.sparsity], h.texts, **common)
+    return cells + cells_for(top, [b for b in h.baselines if b != "dense"], [f.pattern], [f.sparsity], h.texts,
+                             tree_settings=dict(update=f.update, obs_scope=f.obs_scope) if f.update != "none" else {},
+                             **common)
 
 
 def run_heldout(run_dir: Path, cfg: SearchConfig, state: SearchState, h: HeldoutSection | None = None) -> dict[str, Any]:

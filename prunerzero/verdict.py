@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from prunerzero.choices import COMPARED
 from prunerzero.files import read_json
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.engine import SearchState
+from prunerzero.search.state import SearchState
 
-COMPARED = ("wanda", "ria", "pruner-zero")  # the metrics a discovery is measured against, Wanda first
 # A best counts as past a known metric only when lower by more than this fraction: below it, the
 # difference is float rounding between two forms of one ranking (mul(X, sqr(W)) ranks as Wanda does,
 # up to ties, and scored 45.87069 against Wanda's 45.87113 on the main job's text).
@@ -25,7 +25,7 @@ MARGIN = 1e-4
 
 def beats(fitness: float, reference: float) -> bool:
     return fitness < reference * (1 - MARGIN)
-HELDOUT_COMPARED = ("wanda", "ria", "pruner-zero", "sparsegpt")
+HELDOUT_COMPARED = (*COMPARED, "sparsegpt")
 EXPORT, REPORT, HELDOUT = "export.json", "report.html", "heldout.json"
 
 
@@ -41,7 +41,11 @@ def verdict(run_dir: Path, state: SearchState) -> dict[str, Any]:
         return out
     b = best[0]
     out["best"] = {"formula": b["tree"], "fitness": b["fitness"], "generation": b["generation"]}
-    for name in COMPARED:
+    # D exists only inside the OBS update: a run that measured SparseGPT's rule searched inside it, and
+    # its Wanda is Wanda with the update; SparseGPT is then the one to beat.
+    out["obs"] = "sparsegpt" in refs
+    out["lead"] = "sparsegpt" if out["obs"] else "wanda"
+    for name in (("sparsegpt",) if out["obs"] else ()) + COMPARED:
         if name in refs:
             r = refs[name]
             out["references"][name] = {"formula": r["tree"], "fitness": r["fitness"], "estimated": r["estimated"]}
@@ -71,6 +75,14 @@ def _heldout_rows(table: Any) -> dict[str, Any] | None:
     return {"texts": out, "windows": budget.get("windows"), "seqlen": budget.get("seqlen")}
 
 
+def _namer(obs: bool):
+    """How a known metric is named in a verdict: inside the OBS update, "wanda + obs" (SparseGPT is itself)."""
+    return lambda n: n if not obs or n == "sparsegpt" else f"{n} + obs"
+
+
+LEADS = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}  # how the one to beat is written in a sentence
+
+
 def _pct(a: float, b: float) -> str:
     return f"{100 * (a - b) / b:+.2f}%"
 
@@ -85,19 +97,21 @@ def format_verdict(v: dict[str, Any], writing: tuple[str, ...] = ()) -> list[str
     beats, refs = v["beats"], v["references"]
     resume = (f"try prunerzero search --resume {run} --generations N (more generations) or a new run with "
               "another --seed")
-    if "wanda" not in refs:
+    lead = v.get("lead", "wanda")
+    name = _namer(v.get("obs", False))
+    if lead not in refs:
         head = (f"verdict: Wanda was not measured in this run (search.seed_known_metrics is off), so the run cannot say "
                 f"whether its best beat it; compare with prunerzero rescore {run} --baselines wanda")
-    elif beats["wanda"]:
-        passed = [n for n in COMPARED if beats.get(n)]
-        head = f"verdict: the search found a metric past {', '.join(passed)} on its fitness text."
+    elif beats[lead]:
+        passed = [name(n) for n in refs if beats.get(n)]
+        head = f"verdict: the search found a {'rule' if v.get('obs') else 'metric'} past {', '.join(passed)} on its fitness text."
     else:
-        same = (f" (its best scores as {v['best_is_known']} does, within {MARGIN:.2%})" if v.get("best_is_known")
+        same = (f" (its best scores as {name(v['best_is_known'])} does, within {MARGIN:.2%})" if v.get("best_is_known")
                 else "")
-        head = f"verdict: no metric beat Wanda in this run{same}; {resume}."
+        head = f"verdict: no {'rule' if v.get('obs') else 'metric'} beat {LEADS[lead]} in this run{same}; {resume}."
     lines = [head, f"  best: {b['formula']}  fitness {b['fitness']:.4f} (found in generation {b['generation']})"]
     if refs:
-        parts = [f"{n} {r['fitness']:.4f}{' (low budget only)' if r['estimated'] else ''} ({_pct(b['fitness'], r['fitness'])})"
+        parts = [f"{name(n)} {r['fitness']:.4f}{' (low budget only)' if r['estimated'] else ''} ({_pct(b['fitness'], r['fitness'])})"
                  for n, r in refs.items()]
         lines.append("  on the same fitness text: " + ", ".join(parts))
     h = v.get("heldout")

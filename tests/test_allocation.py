@@ -151,7 +151,7 @@ def test_a_search_with_an_owl_allocation_resumes_exactly(tmp_path):
     # the OWL fitness differs from the uniform one for the same tree
     from prunerzero.fitness.model_fitness import ModelFitness
     from prunerzero.primitives.tree import Tree
-    from prunerzero.runs import fitness_settings
+    from prunerzero.runfolder import fitness_settings
 
     owl_settings = fitness_settings(cfg(tmp_path / "split", 3))
     plain = ModelFitness(dataclasses.replace(owl_settings, allocation=None), tmp_path / "split" / "a")

@@ -20,7 +20,8 @@ from prunerzero.primitives.known import resolve_tree
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import exact_counts, load_allocation, owl_for_model
 from prunerzero.pruning.stats import collect_activation_norms
-from prunerzero.runs import fitness_settings, run_search
+from prunerzero.runfolder import fitness_settings
+from prunerzero.runs import run_search
 from tests.conftest import local_data, tiny_llama, tiny_model_folder
 
 WANDA = Tree.parse("mul(abs(W), sqrt(X))")
@@ -159,7 +160,7 @@ def test_the_fitness_of_a_searched_allocation_is_that_of_its_counts(tmp_path):
     ({"search": {"metric": "mul(D, W)"}}, "only inside the OBS update"),
     ({"search": {"metric": "no-such-metric"}}, "not a known metric"),
     ({"fitness": {"allocation": None}}, "needs fitness.allocation"),
-    ({"fitness": {"allocation": {"method": "owl"}}}, "must be searched"),
+    ({"fitness": {"allocation": {"method": "owl"}}}, "choose one of searched"),
     ({"evaluator": {"type": "ray"}}, "in-process only"),
     ({"heldout": {"top_k": 1}}, "prune --allocation"),
 ])
@@ -176,10 +177,13 @@ def test_an_allocation_function_is_refused_as_a_metric():
     with pytest.raises(UserError, match="allocation function, not a metric"):
         resolve_tree("mul(W, B)")
     assert resolve_tree("mul(W, D)").terminals == {"W", "D"}  # D of a metric: 1 / [H^-1]_jj, for update: obs
-    with pytest.raises(UserError, match="subset of W, G, X for search.space: metric"):
+    with pytest.raises(UserError, match="exists only inside the OBS update: set fitness.update: obs"):
         config_from_dict({"search": {"space": "metric", "terminals": ["W", "D"]}})
+    with pytest.raises(UserError, match="subset of W, G, X for search.space: metric"):
+        config_from_dict({"search": {"space": "metric", "terminals": ["W", "B"]}})
     with pytest.raises(UserError, match="mixes weight statistics"):
-        primitive_set(["add"], ["W", "D"])
+        primitive_set(["add"], ["W", "B"])
+    assert "D" in primitive_set(["add"], ["W", "D"]).mapping  # the OBS update's D is a metric's terminal
 
 
 def test_an_allocation_search_in_sequential_mode(tmp_path):

@@ -7,7 +7,6 @@ import torch
 
 from prunerzero.data import fitness_tokens
 from prunerzero.errors import UserError
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.fitness.base import WORST_FITNESS
 from prunerzero.fitness.model_fitness import (
     FitnessSettings,
@@ -16,6 +15,7 @@ from prunerzero.fitness.model_fitness import (
     mask_key,
     statistics_paths,
 )
+from prunerzero.perplexity import perplexity
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.masks import Pattern
@@ -126,7 +126,7 @@ def test_statistics_are_computed_once_per_run_folder(tmp_path):
     for name in first.gradients:
         assert torch.equal(first.gradients[name], second.gradients[name])
         assert torch.equal(first.activations[name], second.activations[name])
-    masks = score_masks(model, lambda n, s: s["W"], 0.5, Pattern())
+    masks = score_masks(model, Tree.parse("W"), 0.5, Pattern())
     assert len(masks) == len(first.linears)
 
 
@@ -183,7 +183,7 @@ def test_layers_scored_side_by_side_give_the_reference_masks(tmp_path):
             tree = Tree.parse(formula)
             masks = fitness.masks(tree)  # G read from its file by two threads at once
             assert torch.get_num_threads() == 2  # restored after the layers ran single-threaded
-            expected = score_masks(model, lambda _n, s: tree.evaluate(s), 0.5, Pattern(), fitness.activations, grads)
+            expected = score_masks(model, tree, 0.5, Pattern(), fitness.activations, grads)
             assert set(masks) == set(expected)
             assert all(torch.equal(masks[n], expected[n]) for n in expected), formula
         assert "constant" in fitness.masks(Tree.parse("mms(sub(W, W))"))

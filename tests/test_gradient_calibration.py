@@ -11,7 +11,8 @@ from prunerzero.errors import UserError
 from prunerzero.fitness.model_fitness import FitnessSettings, ModelFitness, statistics_paths
 from prunerzero.pruning.calibration import Calibration
 from prunerzero.pruning.stats import collect_activation_norms, compute_gradients
-from prunerzero.runs import fingerprint, fitness_settings, heldout_calibration
+from prunerzero.runfolder import fitness_settings
+from prunerzero.runs import fingerprint, heldout_calibration
 from tests.conftest import tiny_llama
 from tests.test_fitness import CharTokenizer
 

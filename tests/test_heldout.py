@@ -73,9 +73,9 @@ def test_cell_keys_depend_on_what_the_number_depends_on():
     assert obs.pruning() != known_cell("wanda", windows=4).pruning()
     with pytest.raises(UserError, match="--update obs"):
         Cell("w", "wanda", update="obs")
-    with pytest.raises(UserError, match="not one of"):
+    with pytest.raises(UserError, match="text: unknown 'wikitext2:validation'; did you mean 'c4:validation'"):
         known_cell("wanda", text="wikitext2:validation")
-    with pytest.raises(UserError, match="unknown baseline"):
+    with pytest.raises(UserError, match="baseline: unknown 'obs'"):
         known_cell("obs")
 
 

@@ -8,8 +8,9 @@ from prunerzero.cli import main
 from prunerzero.errors import UserError
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.layer_masks import UnrankableLayer
 from prunerzero.pruning.masks import Pattern, prune_mask
-from prunerzero.pruning.obs import SPARSEGPT_TREE, UnrankableBlock, obs_prune
+from prunerzero.pruning.obs import SPARSEGPT_TREE, obs_prune
 from prunerzero.pruning.prune import prune_model
 from tests.conftest import tiny_llama
 
@@ -79,7 +80,7 @@ def test_a_tree_inside_the_update_reconstructs_better_than_its_masks_alone():
 
 def test_a_rule_that_cannot_rank_a_block_and_a_singular_hessian_are_named():
     w, h, _ = layer(2)
-    with pytest.raises(UnrankableBlock, match="input columns 0-127: scores are one value"):
+    with pytest.raises(UnrankableLayer, match="input columns 0-127: scores are one value"):
         obs_prune(w, h, 0.5, Pattern(), Tree.parse("sub(W, W)"), name="layer.q")
     with pytest.raises(UserError, match=r"not positive definite .* add calibration windows \(e.g. --nsamples 8\)"):
         obs_prune(w, -torch.eye(300), 0.5, Pattern(), SPARSEGPT_TREE, nsamples=4, percdamp=0.0)

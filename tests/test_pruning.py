@@ -6,6 +6,7 @@ import torch
 from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears, resolve_model
 from prunerzero.primitives.known import known_tree
+from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity, prune_mask
 from prunerzero.pruning.obs import obs_prune
 from prunerzero.pruning.prune import (
@@ -103,7 +104,6 @@ def test_wanda_equals_the_tree_mul_abs_w_sqrt_x(windows):
 
 
 def test_magnitude_equals_tree_abs_w_and_pruner_zero_uses_g(windows):
-    from prunerzero.primitives.tree import Tree
     from tests.conftest import tiny_llama
 
     a, b = tiny_llama(), tiny_llama()
@@ -152,7 +152,7 @@ def test_gradient_file_shape_mismatch_is_refused(tiny_model, windows, tmp_path):
 
 def test_apply_and_restore_are_bitwise_exact(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    masks = score_masks(tiny_model, lambda n, s: s["W"], 0.5, Pattern())
+    masks = score_masks(tiny_model, Tree.parse("W"), 0.5, Pattern())
     removed = apply_masks(tiny_model, masks)
     pruned = measure_sparsity(tiny_model)
     assert pruned and all(z == t // 2 for z, t in pruned.values())  # every prunable layer at exactly half
@@ -161,7 +161,7 @@ def test_apply_and_restore_are_bitwise_exact(tiny_model):
 
 
 def test_masked_forward_with_packed_or_plain_masks_equals_zeroed_weights(tiny_model):
-    masks = score_masks(tiny_model, lambda n, s: s["W"], 0.5, Pattern())
+    masks = score_masks(tiny_model, Tree.parse("W"), 0.5, Pattern())
     packed = PackedMasks.of(masks)
     for name, mask in masks.items():
         assert torch.equal(packed[name], mask) and torch.equal(packed.keep(name), ~mask)
@@ -276,7 +276,7 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
     import torch.nn.functional as F
 
     from prunerzero.data import calibration_windows, eval_tokens
-    from prunerzero.evaluation.perplexity import perplexity
+    from prunerzero.perplexity import perplexity
 
     model, tokenizer, _ = smollm2
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -308,7 +308,7 @@ def test_real_model_prune_and_perplexity_protocol(smollm2, tmp_path):
 def test_sliced_head_loss_equals_the_full_logits_loss():
     import torch.nn.functional as F
 
-    from prunerzero.evaluation.perplexity import LOSS_CHUNK, window_loss
+    from prunerzero.perplexity import LOSS_CHUNK, window_loss
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
@@ -320,7 +320,7 @@ def test_sliced_head_loss_equals_the_full_logits_loss():
 
 
 def test_batched_windows_give_the_per_window_losses():
-    from prunerzero.evaluation.perplexity import window_losses
+    from prunerzero.perplexity import window_losses
     from tests.conftest import tiny_llama
 
     model = tiny_llama()

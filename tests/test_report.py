@@ -7,7 +7,8 @@ import torch
 from prunerzero.cli import main
 from prunerzero.config import config_from_dict
 from prunerzero.errors import UserError
-from prunerzero.evaluation.report import fitness_figure, sparsity_sweep, sweep_figure
+from prunerzero.evaluation.plots import fitness_figure, sweep_figure
+from prunerzero.evaluation.sweep import sparsity_sweep, tree_label
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.stats import compute_gradients
 from prunerzero.runs import run_search
@@ -148,13 +149,12 @@ def test_saved_sweep_shown_again(recon_run, tmp_path):
 
 
 def test_fitness_figure_empty_log(tmp_path):
-    from prunerzero.search.engine import SearchState
+    from prunerzero.search.state import SearchState
 
     assert fitness_figure(SearchState(), "y", "t", tmp_path / "f.png") is None
 
 
 def test_sweep_labels_name_known_metrics():
-    from prunerzero.evaluation.report import _tree_label
 
-    assert _tree_label(1, "mul(W, sqrt(X))") == "#1 mul(W, sqrt(X)) (= wanda)"
-    assert _tree_label(2, "mul(W, X)") == "#2 mul(W, X)"
+    assert tree_label(1, "mul(W, sqrt(X))") == "#1 mul(W, sqrt(X)) (= wanda)"
+    assert tree_label(2, "mul(W, X)") == "#2 mul(W, X)"

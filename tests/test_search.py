@@ -122,7 +122,8 @@ def test_opposing_operations_cancel(formula, expected):
 
 
 def test_constant_metrics_get_the_worst_fitness_without_evaluation(tmp_path):
-    from prunerzero.search.engine import GeneticSearch, SearchState
+    from prunerzero.search.engine import GeneticSearch
+    from prunerzero.search.state import SearchState
 
     ev = CountingEvaluator()
     search = GeneticSearch(recon_config(tmp_path).search, ev, 0, SearchState())
@@ -169,7 +170,7 @@ def test_config_validation_names_the_problem(tmp_path):
         ({"fitness": {"sparsity": 1.2}}, "outside (0, 1)"),
         ({"fitness": {"pattern": "2:4", "sparsity": 0.7}}, "prunes exactly 0.5"),
         ({"fitness": {"split": "test"}}, "held out for the final tables"),
-        ({"search": {"operators": ["mul", "pow3"]}}, "unknown pow3"),
+        ({"search": {"operators": ["mul", "pow3"]}}, "unknown 'pow3'; did you mean 'pow'"),
         ({"search": {"crossover_prob": 2}}, "within [0, 1]"),
         ({"search": {"elites": 30, "population": 10}}, "search.elites"),
         ({"evaluator": {"type": "gpu-cloud"}}, "evaluator.type"),
@@ -262,7 +263,7 @@ def test_export_writes_loadable_pruner_zero_trees(tmp_path, capsys):
 @pytest.mark.integration
 def test_two_generations_on_the_real_model(tmp_path, smollm2):
     from prunerzero.fitness.model_fitness import InProcessEvaluator, ModelFitness
-    from prunerzero.runs import fitness_settings
+    from prunerzero.runfolder import fitness_settings
 
     model, tokenizer, source = smollm2
     cfg = config_from_dict({
@@ -282,7 +283,7 @@ def test_two_generations_on_the_real_model(tmp_path, smollm2):
 
 def test_resume_seeds_the_mask_cache_with_measured_fitnesses_only(tmp_path):
     from prunerzero.runs import known_masks
-    from prunerzero.search.engine import SearchState
+    from prunerzero.search.state import SearchState
 
     cfg = config_from_dict({"fitness": {"windows": 4, "multi_fidelity": {"low_windows": 1, "promote": 0.5}}})
     state = SearchState()
@@ -421,7 +422,7 @@ def test_distinct_masks_needs_the_steady_state_and_is_part_of_the_resume_fingerp
 
 
 def test_stalled_reads_the_best_of_the_last_generations():
-    from prunerzero.search.engine import stalled
+    from prunerzero.search.state import stalled
     log = [{"best": b} for b in (10.0, 9.0, 9.0, 9.0)]
     assert not stalled(log, None) and not stalled(log, 4)  # off, or fewer generations than the patience
     assert stalled(log, 2) and not stalled(log, 3)  # 9.0 since generation 1: two generations without a gain
@@ -431,7 +432,7 @@ def test_stalled_reads_the_best_of_the_last_generations():
 
 
 def _first_stall(log, patience):
-    from prunerzero.search.engine import stalled
+    from prunerzero.search.state import stalled
     return next((g for g in range(len(log)) if stalled(log[:g + 1], patience)), None)
 
 

@@ -7,7 +7,6 @@ import yaml
 from prunerzero.cli import main
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.simplify import symbolic_key
 from prunerzero.verdict import format_verdict, verdict
 
 
@@ -23,7 +22,7 @@ def reconstruction_run(tmp_path, capsys):
 def test_a_run_whose_best_is_wanda_says_so_and_how_to_go_on(tmp_path, capsys):
     run, printed = reconstruction_run(tmp_path, capsys)
     state, _ = ckpt.load_checkpoint(run)
-    wanda = state.cache[symbolic_key(KNOWN_METRICS["wanda"].tree)]["fitness"]
+    wanda = state.cache[KNOWN_METRICS["wanda"].tree.symbolic_key()]["fitness"]
     assert state.hall_of_fame(1)[0]["fitness"] == wanda  # this tiny run does not get past Wanda
     lines = format_verdict(verdict(run, state))
     assert lines[0].startswith("verdict: no metric beat Wanda in this run (its best scores as wanda does")
@@ -36,8 +35,8 @@ def test_a_run_whose_best_is_wanda_says_so_and_how_to_go_on(tmp_path, capsys):
 def test_a_run_past_wanda_names_the_metric_the_margins_and_the_outputs(tmp_path, capsys):
     run, _ = reconstruction_run(tmp_path, capsys)
     data = json.loads((run / ckpt.STATE).read_text())
-    wanda = data["cache"][symbolic_key(KNOWN_METRICS["wanda"].tree)]["fitness"]
-    known = {symbolic_key(m.tree) for m in KNOWN_METRICS.values()}
+    wanda = data["cache"][KNOWN_METRICS["wanda"].tree.symbolic_key()]["fitness"]
+    known = {m.tree.symbolic_key() for m in KNOWN_METRICS.values()}
     key, record = next((k, r) for k, r in data["cache"].items() if k not in known and r["fitness"] > wanda)
     record["fitness"] = wanda / 2  # as if this metric had been measured at half Wanda's error
     (run / ckpt.STATE).write_text(json.dumps(data))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero import files
+from prunerzero.choices import CALIBRATED_METHODS, METHODS, OBS_SCOPES, UPDATES, check_allocation
 from prunerzero.data import check_text
 from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears
@@ -23,8 +24,8 @@ from prunerzero.pruning.allocation import (
 )
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
-from prunerzero.pruning.obs import SCOPES, UPDATES, check_update
-from prunerzero.pruning.prune import METHODS, prune_model
+from prunerzero.pruning.obs import check_update
+from prunerzero.pruning.prune import prune_model
 from prunerzero.pruning.stats import collect_activation_norms, load_gradients
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--update", choices=UPDATES, default=None,
                    help="obs: SparseGPT's weight update, each block's mask picked by --tree (which may read D = "
                         "1/[H^-1]_jj); default: none, or what a shipped tree file records")
-    p.add_argument("--obs-scope", choices=SCOPES, default="block",
+    p.add_argument("--obs-scope", choices=OBS_SCOPES, default="block",
                    help="with --update obs: rank a block's scores over the whole block (block, as SparseGPT) or per row")
 
 
@@ -149,10 +150,7 @@ def sparsity_range(text: str) -> tuple[float, float]:
 
 
 def check_allocation_args(args: argparse.Namespace, pattern: Pattern) -> None:
-    if pattern.structured:
-        raise UserError(f"--allocation needs --pattern unstructured; {pattern} fixes every layer's sparsity")
-    if args.allocation not in ("uniform", "owl") and not Path(args.allocation).is_file():
-        raise UserError(f"--allocation {args.allocation!r} is neither uniform, owl nor an existing JSON file")
+    check_allocation(args.allocation, pattern.structured, "--allocation")
     sparsity_range(args.sparsity_range)
     if not (0 <= args.owl_lambda < 1) or not args.owl_m > 0:
         raise UserError(f"--owl-lambda must be in [0, 1) and --owl-m positive, got {args.owl_lambda} and {args.owl_m}")
@@ -163,7 +161,7 @@ def prune_from_args(args: argparse.Namespace, model, tokenizer, source):
 
     pattern, sparsity, tree = check_prune_args(args)
     allocation_spec = getattr(args, "allocation", None)
-    needs_calib = (args.method in ("wanda", "ria", "sparsegpt") or (tree is not None and tree.terminals & {"X", "G"})
+    needs_calib = (args.method in CALIBRATED_METHODS or (tree is not None and tree.terminals & {"X", "G"})
                    or allocation_spec == "owl" or update_of(args) == "obs")
     calib = Calibration(args.calib_data, None, args.nsamples, args.seqlen, args.seed, args.data_dir)
     windows = calib.windows(tokenizer) if needs_calib else None

@@ -18,9 +18,9 @@ from prunerzero.cli.common import (
     write_json,
 )
 from prunerzero.data import eval_tokens
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.evaluation.zeroshot import check_tasks, evaluate_zeroshot, format_table
 from prunerzero.models import load_model, pick_device
+from prunerzero.perplexity import perplexity
 from prunerzero.pruning.prune import layer_sparsity_total, measure_sparsity
 
 log = logging.getLogger(__name__)

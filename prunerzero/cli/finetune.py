@@ -13,14 +13,14 @@ from torch import nn
 
 from prunerzero.cli.common import check_outputs, positive_int, save_model, write_json
 from prunerzero.data import eval_tokens
-from prunerzero.evaluation.perplexity import perplexity, window_count
 from prunerzero.models import load_model, pick_device
+from prunerzero.perplexity import perplexity, window_count
 from prunerzero.recovery.lora import (
     LoraSettings,
-    _tail_mean,
     base_sparsity,
     finetune_lora,
     merge_and_remask,
+    tail_mean,
 )
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     peft_model = run["peft_model"]
     result.update(steps=run["steps"], train_tokens=run["tokens"], train_seconds=round(run["seconds"], 1),
                   trainable_parameters=run["trainable_parameters"], loss_first=run["losses"][0],
-                  loss_last10=_tail_mean(run["losses"]))
+                  loss_last10=tail_mean(run["losses"]))
     result["sparsity_after"] = base_sparsity(peft_model)
     result["ppl_after"] = _evaluate(peft_model, tokens, args.eval_seqlen, settings.eval_windows, "after fine-tuning (unmerged)")
     if args.merge:

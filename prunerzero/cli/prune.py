@@ -20,8 +20,8 @@ from prunerzero.cli.common import (
 )
 from prunerzero.data import eval_tokens
 from prunerzero.errors import UserError
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.models import load_model, pick_device
+from prunerzero.perplexity import perplexity
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,8 @@ import argparse
 from typing import Any
 
 from prunerzero.cli.common import positive_int
-from prunerzero.evaluation.report import (
-    DEFAULT_PATTERNS,
-    DEFAULT_SPARSITIES,
-    REPORT,
-    SWEEP_JSON,
-    SWEEP_PLOT,
-    make_report,
-)
+from prunerzero.evaluation.report import REPORT, make_report
+from prunerzero.evaluation.sweep import DEFAULT_PATTERNS, DEFAULT_SPARSITIES, SWEEP_JSON, SWEEP_PLOT
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -8,15 +8,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prunerzero.choices import COMPARED, STATS_MODES
 from prunerzero.cli.common import metric_list
-from prunerzero.config import LIMITS, HeldoutSection, config_from_dict, config_mapping, load_config, validate
+from prunerzero.config import LIMITS, HeldoutSection, load_config
+from prunerzero.config_rules import validate
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import format_table
-from prunerzero.evaluation.rescore import DEFAULT_BASELINES, RescoreSettings, format_rescore, rescore_run
+from prunerzero.evaluation.rescore import RescoreSettings, format_rescore, rescore_run
 from prunerzero.files import check_output_path, write_json
+from prunerzero.runfolder import run_config
 from prunerzero.runs import (
-    _load_yaml,
-    _run_config,
     apply_allocation_function,
     check_run_folder,
     fingerprint,
@@ -24,7 +25,7 @@ from prunerzero.runs import (
     run_search,
 )
 from prunerzero.search import checkpoint as ckpt
-from prunerzero.search.engine import stalled
+from prunerzero.search.state import stalled
 from prunerzero.verdict import format_verdict, verdict
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         run_dir = Path(args.resume)
         if not (run_dir / ckpt.CONFIG).is_file():
             raise UserError(f"{run_dir} is not a run folder (no {ckpt.CONFIG}); give the folder printed when the search started")
-        cfg = load_config(args.config) if args.config else config_from_dict(config_mapping(_load_yaml(run_dir / ckpt.CONFIG), run_dir / ckpt.CONFIG))
+        cfg = load_config(args.config) if args.config else run_config(run_dir)
         cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
         if args.seed is not None and args.seed != cfg.seed:
             raise UserError(f"--seed {args.seed} cannot change a run's seed (it was {cfg.seed}); start a new run with "
@@ -79,7 +80,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_heldout(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     state, _ = ckpt.load_checkpoint(run_dir)
     h = cfg.heldout or HeldoutSection()
     h = HeldoutSection(top_k=h.top_k if args.top_k is None else args.top_k, baselines=h.baselines,
@@ -95,7 +96,7 @@ def cmd_rescore(args: argparse.Namespace) -> None:
     settings = RescoreSettings(top=args.top, windows=args.windows, seqlen=args.seqlen, stats_mode=args.stats,
                                nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
                                baselines=metric_list(args.baselines))
-    cfg = _run_config(Path(args.run))
+    cfg = run_config(Path(args.run))
     print(format_rescore(rescore_run(Path(args.run), cfg, settings)))
 
 
@@ -108,6 +109,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     data = ckpt.export_pareto(state, label) if args.pareto else ckpt.export_trees(state, args.top, label)
     if not data["trees"]:
         raise UserError(f"{run_dir} has no evaluated metric yet")
+    fitness = fp.get("fitness", {})
+    if fitness.get("update", "none") != "none":  # prune --tree FILE applies the update the trees were found with
+        data["update"], data["obs_scope"] = fitness["update"], fitness.get("obs_scope", "block")
     default = "pareto.json" if args.pareto else "export.json"
     out = Path(args.out) if args.out else run_dir / default
     tree_files = [out.parent / f"{out.stem}-rank{r['rank']}.json" for r in data["trees"]] if args.tree_files else []
@@ -164,12 +168,12 @@ def register(sub: Any) -> None:
     p.add_argument("--top", type=int, default=10, help="metrics of the hall of fame to re-score (default 10)")
     p.add_argument("--windows", type=int, default=8, help="unused validation windows (default 8)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as the test)")
-    p.add_argument("--stats", choices=("once", "sequential"), default="sequential",
+    p.add_argument("--stats", choices=STATS_MODES, default="sequential",
                    help="X from the dense model (once) or block by block on the partly pruned one, as the final "
                         "pruning (sequential, default)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the run's)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the run's)")
-    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+    p.add_argument("--baselines", default=",".join(COMPARED),
                    help="comma separated known or shipped metric names or formulas (default %(default)s)")
     p.set_defaults(func=cmd_rescore)
 

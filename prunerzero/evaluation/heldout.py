@@ -26,24 +26,23 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from prunerzero.choices import ALLOCATIONS, BASELINE_NAMES, HELDOUT_TEXTS, METHODS, check_allocation, choose
 from prunerzero.data import joined_tokens, text_rows
 from prunerzero.errors import UserError
-from prunerzero.evaluation.perplexity import perplexity
 from prunerzero.files import read_json, write_json
 from prunerzero.models import load_model, prunable_linears
+from prunerzero.perplexity import perplexity
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, exact_counts, load_allocation, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
 from prunerzero.pruning.obs import check_update
-from prunerzero.pruning.prune import METHODS, prune_model
+from prunerzero.pruning.prune import prune_model
 from prunerzero.pruning.stats import collect_activation_norms
 
 log = logging.getLogger(__name__)
 
-TEXTS = ("wikitext2:test", "c4:validation")
-BASELINES = ("magnitude", "wanda", "ria", "sparsegpt", "pruner-zero")
 C4_DOCUMENTS = 1100  # the reference code's C4 validation slice
 
 
@@ -64,28 +63,22 @@ class Cell:
     calib_seed: int = 0
     calib_source: str = "wikitext2"
     model: str = "smollm2-135m"
-    allocation: str | None = None  # None: every layer at `sparsity`; "uniform", "owl" or a file (exact counts)
+    allocation: str | None = None  # None: every layer at `sparsity`; an ALLOCATIONS name or a file (exact counts)
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
     update: str = "none"  # "obs": SparseGPT's weight update with the tree picking the masks (sparsegpt: its own)
     obs_scope: str = "block"
 
     def __post_init__(self) -> None:
-        if self.method not in (*METHODS, "dense"):
-            raise UserError(f"cell {self.label}: unknown method {self.method!r}")
+        choose(self.method, (*METHODS, "dense"), f"cell {self.label}: method")
         if self.method == "tree":
             Tree.parse(self.tree or "")
         if self.method != "dense":
             check_sparsity(self.sparsity, Pattern.parse(self.pattern))
-        if self.allocation not in (None, "uniform", "owl") and not Path(self.allocation).is_file():
-            raise UserError(f"cell {self.label}: allocation must be uniform, owl or an allocation file, "
-                            f"not {self.allocation!r}")
-        if self.allocation is not None and Pattern.parse(self.pattern).structured:
-            raise UserError(f"cell {self.label}: a layerwise allocation needs unstructured sparsity")
+        check_allocation(self.allocation, Pattern.parse(self.pattern).structured, f"cell {self.label}: allocation")
         if self.method != "dense":
             check_update(self.update, self.method, Tree.parse(self.tree) if self.tree else None)
-        if self.text not in TEXTS:
-            raise UserError(f"cell {self.label}: text {self.text!r} is not one of {', '.join(TEXTS)}")
+        choose(self.text, HELDOUT_TEXTS, f"cell {self.label}: text")
 
     def pruning(self) -> tuple:
         """What the pruned model depends on (cells equal here share one pruning)."""
@@ -101,7 +94,7 @@ class Cell:
         if self.allocation is None:  # cells without an allocation keep the keys they always had
             for k in ("allocation", "owl_m", "owl_lambda"):
                 d.pop(k)
-        elif self.allocation not in ("uniform", "owl"):  # a file: what it says, not where it lies
+        elif self.allocation not in ALLOCATIONS:  # a file: what it says, not where it lies
             d["allocation"] = "file:" + hashlib.sha256(json.dumps(
                 read_json(self.allocation, "allocation file").get("layers"), sort_keys=True).encode()).hexdigest()[:16]
         if self.update == "none":  # and cells without a weight update too
@@ -116,11 +109,10 @@ class Cell:
 def known_cell(name: str, **kw: Any) -> Cell:
     """A cell for a baseline by name: a method (magnitude, wanda, ria, sparsegpt), a known tree
     (pruner-zero), or dense."""
-    if name in ("dense", "magnitude", "wanda", "ria", "sparsegpt"):
+    choose(name, BASELINE_NAMES, "baseline")
+    if name == "dense" or name in METHODS:
         return Cell(label=name, method=name, **kw)
-    if name in KNOWN_METRICS:
-        return Cell(label=name, method="tree", tree=KNOWN_METRICS[name].formula, **kw)
-    raise UserError(f"unknown baseline {name!r}; known: dense, {', '.join(BASELINES)}")
+    return Cell(label=name, method="tree", tree=KNOWN_METRICS[name].formula, **kw)
 
 
 def evaluation_tokens(tokenizer: object, text: str, data_dir: str | None, max_tokens: int | None) -> torch.Tensor:
@@ -266,8 +258,10 @@ def _short_repr(v: Any) -> str:
 
 
 def cells_for(labels_and_trees: Iterable[tuple[str, str]], baselines: Sequence[str], patterns: Sequence[str],
-              sparsities: Sequence[float], texts: Sequence[str], **common: Any) -> list[Cell]:
-    """The grid: every baseline and every (label, formula) tree at every pattern / sparsity and text."""
+              sparsities: Sequence[float], texts: Sequence[str], tree_settings: dict[str, Any] | None = None,
+              **common: Any) -> list[Cell]:
+    """The grid: every baseline and every (label, formula) tree at every pattern / sparsity and text.
+    ``tree_settings``: what the trees' cells add (the weight update they were found with)."""
     cells = []
     for pattern, sparsity in zip(patterns, sparsities):
         for text in texts:
@@ -275,7 +269,7 @@ def cells_for(labels_and_trees: Iterable[tuple[str, str]], baselines: Sequence[s
                 cells.append(known_cell(name, pattern=pattern, sparsity=sparsity, text=text, **common))
             for label, formula in labels_and_trees:
                 cells.append(Cell(label=label, method="tree", tree=formula, pattern=pattern, sparsity=sparsity,
-                                  text=text, **common))
+                                  text=text, **(tree_settings or {}), **common))
     return cells
 
 
@@ -293,7 +287,7 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": list(rows.values())}
 
 
-def format_table(table: dict[str, Any], texts: Sequence[str] = TEXTS) -> str:
+def format_table(table: dict[str, Any], texts: Sequence[str] = HELDOUT_TEXTS) -> str:
     head = "| metric | pattern | " + " | ".join(texts) + " |"
     lines = [head, "|---|---|" + "---:|" * len(texts)]
     for row in table["rows"]:

@@ -11,7 +11,7 @@ from prunerzero.fitness.base import WORST_FITNESS
 
 log = logging.getLogger(__name__)
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,11 +51,11 @@ def _plain_log_axis(ax: Any) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=8)
 
 
-def _save(fig: Any, path: Path) -> bytes:
+def save_png(fig: Any, path: Path) -> bytes:
     import io
     import os
 
-    plt = _pyplot()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -73,7 +73,7 @@ def fitness_figure(state: Any, ylabel: str, title: str, path: Path) -> bytes | N
     rows = [r for r in state.log if r.get("best") is not None]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     gens = [r["generation"] for r in rows]
     ax.plot(gens, [r["best"] for r in rows], marker="o", color="C0", label="best so far")
@@ -95,7 +95,7 @@ def fitness_figure(state: Any, ylabel: str, title: str, path: Path) -> bytes | N
     _plain_log_axis(ax)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 _BASELINE_STYLE = {"magnitude": ("#7f7f7f", "s"), "wanda": ("#1f77b4", "^"), "sparsegpt": ("#2ca02c", "D")}
@@ -116,18 +116,18 @@ def _styles(methods: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _short(text: str, n: int = 60) -> str:
+def shorten(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _finite(v: Any) -> bool:
+def is_finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
     """Perplexity (log) against sparsity, one line per method; N:M patterns in a second panel."""
-    plt = _pyplot()
-    cells = [c for c in sweep["cells"] if _finite(c.get("ppl"))]
+    plt = pyplot()
+    cells = [c for c in sweep["cells"] if is_finite(c.get("ppl"))]
     unstructured = [c for c in cells if c["pattern"] == "unstructured"]
     patterns = list(dict.fromkeys(c["pattern"] for c in sweep["cells"] if c["pattern"] != "unstructured"))
     styles = _styles(sweep["methods"])
@@ -143,7 +143,7 @@ def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
         for m in sweep["methods"]:
             pts = sorted((c["sparsity"], c["ppl"]) for c in unstructured if c["method"] == m["label"])
             if pts:
-                (h,) = ax.plot(*zip(*pts), label=_short(m["label"]), markersize=5, **styles[m["label"]])
+                (h,) = ax.plot(*zip(*pts), label=shorten(m["label"]), markersize=5, **styles[m["label"]])
                 handles[m["label"]] = h
         xs = sorted({c["sparsity"] for c in unstructured})
         ax.set_xticks(xs)
@@ -154,7 +154,7 @@ def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
         nm_ax = axes.pop(0) if patterns else None
     else:
         nm_ax = axes.pop(0)
-    if dense is not None and _finite(dense):
+    if dense is not None and is_finite(dense):
         for a in fig.axes:
             d = a.axhline(dense, color="black", linestyle=":", linewidth=1, label=f"dense ({dense:.2f})")
         handles["dense"] = d
@@ -167,7 +167,7 @@ def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
             pts = [(i - 0.35 + width * (j + 0.5), c["ppl"]) for i, p in enumerate(patterns)
                    for c in cells if c["pattern"] == p and c["method"] == m["label"]]
             if pts:
-                (h,) = nm_ax.plot(*zip(*pts), linestyle="none", markersize=7, label=_short(m["label"]), **st)
+                (h,) = nm_ax.plot(*zip(*pts), linestyle="none", markersize=7, label=shorten(m["label"]), **st)
                 handles.setdefault(m["label"], h)
         nm_ax.set_xticks(range(len(patterns)))
         nm_ax.set_xticklabels(patterns)
@@ -187,7 +187,7 @@ def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
                fontsize=8, frameon=False)
     rows = math.ceil(len(handles) / max(ncol, 1))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------- HTML
@@ -196,7 +196,7 @@ def sweep_figure(sweep: dict[str, Any], path: Path, title: str = "") -> bytes:
 def allocation_figure(allocation: dict[str, Any], log_rows: Sequence[dict[str, Any]], path: Path) -> bytes:
     """A searched allocation: its best fitness per generation against OWL's and uniform's (left),
     and the sparsity it gives each layer, attention and MLP apart (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     gens = [r["generation"] for r in log_rows if r.get("best") is not None]
     bests = [r["best"] for r in log_rows if r.get("best") is not None]
@@ -225,4 +225,4 @@ def allocation_figure(allocation: dict[str, Any], log_rows: Sequence[dict[str, A
     right.legend(fontsize=8)
     right.grid(True, alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -19,30 +19,16 @@ from typing import Any
 
 import yaml
 
+from prunerzero import runfolder
 from prunerzero.errors import UserError
-from prunerzero.files import check_output_path
+from prunerzero.evaluation.plots import allocation_figure, fitness_figure, is_finite, shorten, sweep_figure
+from prunerzero.evaluation.sweep import SWEEP_JSON, SWEEP_PLOT, now_utc, run_sweep
+from prunerzero.files import check_output_path, write_atomic
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
-from prunerzero.search import checkpoint as ckpt
 from prunerzero.verdict import format_verdict, verdict
 
 log = logging.getLogger(__name__)
-
-from prunerzero.evaluation.plots import _finite, _short, allocation_figure, fitness_figure, sweep_figure  # noqa: F401
-from prunerzero.evaluation.sweep import (  # noqa: F401
-    BASELINES,
-    DEFAULT_PATTERNS,
-    DEFAULT_SPARSITIES,
-    SWEEP_JSON,
-    SWEEP_PLOT,
-    _now,
-    _parse_patterns,
-    _parse_sparsities,
-    _tree_label,
-    run_sweep,
-    sparsity_sweep,
-    sweep_cells,
-)
 
 REPORT = "report.html"
 COUNTERS = (
@@ -95,7 +81,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _ppl(v: Any) -> str:
     """A perplexity for a table: 31.58, 321.57, 1,405, 31,455."""
-    if not _finite(v):
+    if not is_finite(v):
         return "–" if v is None else _e(v)
     return f"{v:.2f}" if v < 1000 else f"{v:,.0f}"
 
@@ -136,7 +122,7 @@ def _sweep_html(sweep: dict[str, Any], png: bytes | None, fresh: bool, json_path
     by = {(c["method"], c["pattern"], c["sparsity"]): c for c in sweep["cells"]}
     best = {}
     for cell in cells:
-        vals = [c["ppl"] for c in sweep["cells"] if (c["pattern"], c["sparsity"]) == cell and _finite(c["ppl"])]
+        vals = [c["ppl"] for c in sweep["cells"] if (c["pattern"], c["sparsity"]) == cell and is_finite(c["ppl"])]
         best[cell] = min(vals) if vals else None
     head = "".join(f"<th>{_e(f'{s:.0%}' if p == 'unstructured' else p)}</th>" for p, s in cells)
     body = []
@@ -178,7 +164,7 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>prunerzero report: {_e(name)}</title>",
            f"<style>{CSS}</style></head><body>",
            f"<h1>Pruner-Zero search: {_e(name)}</h1>",
-           f'<p class="meta">Run folder <code>{_e(run_dir)}</code> · report made {_e(_now())} · '
+           f'<p class="meta">Run folder <code>{_e(run_dir)}</code> · report made {_e(now_utc())} · '
            f"{f'generations 0–{generations} done' if generations >= 0 else 'no generation done yet'} · "
            f"{len(state.cache)} distinct {'functions' if allocation else 'metrics'} seen · evaluator {_e(evaluator)} · model {_e(model)}</p>"]
 
@@ -222,7 +208,7 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
         rows = "".join(f"<tr><td class='num'>{len(Tree.parse(r['tree']))}</td><td class='num'>{_fmt(r['fitness'])}</td>"
                        f"<td><code>{_e(r['tree'])}</code></td></tr>" for r in front)
         out.append(f"<table><tr><th>size</th><th>fitness</th><th>metric</th></tr>{rows}</table>")
-        pareto = run_dir / ckpt.PARETO_PLOT
+        pareto = run_dir / runfolder.PARETO_PLOT
         if pareto.is_file():
             out.append(_img(pareto.read_bytes(), "fitness against tree size"))
 
@@ -260,7 +246,7 @@ def render_html(run_dir: Path, state: Any, cfg: dict[str, Any] | None, config_te
 
 # ---------------------------------------------------------------------------------------- command
 def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    path = run_dir / ckpt.CONFIG
+    path = run_dir / runfolder.CONFIG
     if not path.is_file():
         return None, None
     text = path.read_text()
@@ -286,20 +272,20 @@ def make_report(args: argparse.Namespace) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; give a folder made by `prunerzero search` (runs/NAME)")
     out = check_output_path(args.out if args.out else run_dir / REPORT, "--out", own=(REPORT,), own_run=run_dir)
-    state, _ = ckpt.load_checkpoint(run_dir)
+    state, _ = runfolder.run_state(run_dir)
     cfg, config_text = _read_config(run_dir)
-    hof = ckpt.export_trees(state, max(args.top, 10))["trees"]
+    hof = runfolder.best_trees(state, max(args.top, 10))
     sweep, sweep_png, fresh = None, None, False
     if args.sweep:
         if cfg is None:
-            raise UserError(f"{run_dir} has no readable {ckpt.CONFIG}; the sweep needs the run's model and calibration")
+            raise UserError(f"{run_dir} has no readable {runfolder.CONFIG}; the sweep needs the run's model and calibration")
         if (cfg.get("evaluator") or {}).get("type") == "reconstruction":
             raise UserError(f"the sweep needs a model-based run: {run_dir} was searched with the reconstruction evaluator, "
                             "which has no model (run the report without --sweep)")
         if not hof:
             raise UserError(f"{run_dir} has no evaluated metric yet; nothing to sweep")
         sweep = run_sweep(run_dir, cfg, hof[: args.top], args)
-        ckpt.write_atomic(run_dir / SWEEP_JSON, json.dumps(_json_safe(sweep), indent=1) + "\n")
+        write_atomic(run_dir / SWEEP_JSON, json.dumps(_json_safe(sweep), indent=1) + "\n")
         log.info("wrote %s", run_dir / SWEEP_JSON)
         fresh = True
     elif (run_dir / SWEEP_JSON).is_file():
@@ -309,11 +295,11 @@ def make_report(args: argparse.Namespace) -> Path:
             log.warning("%s is not valid JSON; the report shows no sweep", run_dir / SWEEP_JSON)
     if sweep:
         sweep_png = sweep_figure(sweep, run_dir / SWEEP_PLOT, f"{sweep.get('model', '')}: test perplexity of the pruned model")
-    fitness_png = fitness_figure(state, "fitness (log scale, lower is better)", _short(fitness_label(cfg), 100),
-                                 run_dir / ckpt.PLOT)
+    fitness_png = fitness_figure(state, "fitness (log scale, lower is better)", shorten(fitness_label(cfg), 100),
+                                 run_dir / runfolder.PLOT)
     allocation = ((cfg or {}).get("search") or {}).get("space") == "allocation"
     lines = [] if allocation else format_verdict({**verdict(run_dir, state), "report": str(out)}, writing=("report",))
     page = render_html(run_dir, state, cfg, config_text, hof, fitness_png, sweep, sweep_png, fresh, args.top, lines)
-    ckpt.write_atomic(out, page)
+    write_atomic(out, page)
     return out, lines
 

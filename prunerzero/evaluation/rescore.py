@@ -24,18 +24,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from prunerzero.choices import COMPARED, STATS_MODES, choose
 from prunerzero.data import unused_tokens
 from prunerzero.errors import UserError
 from prunerzero.files import read_json, write_json
 from prunerzero.fitness.model_fitness import ModelFitness
 from prunerzero.primitives.known import resolve_tree
 from prunerzero.primitives.tree import Tree
-from prunerzero.search import checkpoint as ckpt
+from prunerzero.runfolder import best_trees, fitness_settings, run_state
 
 log = logging.getLogger(__name__)
 
 RESCORE_DIR = "rescore"
-DEFAULT_BASELINES = ("wanda", "ria", "pruner-zero")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class RescoreSettings:
     stats_mode: str = "sequential"
     nsamples: int | None = None
     calib_seqlen: int | None = None
-    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    baselines: tuple[str, ...] = COMPARED
 
     def __post_init__(self) -> None:
         if self.top < 1:
@@ -59,8 +59,7 @@ class RescoreSettings:
             raise UserError(f"--windows must be at least 1, got {self.windows}")
         if self.seqlen < 2:
             raise UserError(f"--seqlen must be at least 2, got {self.seqlen}")
-        if self.stats_mode not in ("once", "sequential"):
-            raise UserError(f"--stats must be once or sequential, not {self.stats_mode!r}")
+        choose(self.stats_mode, STATS_MODES, "--stats")
         for value, flag in ((self.nsamples, "--nsamples"), (self.calib_seqlen, "--calib-seqlen")):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
@@ -87,15 +86,13 @@ def rescore_path(run_dir: Path, settings: RescoreSettings) -> Path:
 
 def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str, Any]:
     """Measure (or finish measuring) the re-score of a metric search; returns the record."""
-    from prunerzero.runs import fitness_settings  # runs imports the evaluation modules
-
     run_dir = Path(run_dir)
     if cfg.search.space == "allocation":
         raise UserError(f"{run_dir} searched allocation functions, not metrics; there is nothing to re-score")
     if cfg.evaluator.type == "reconstruction":
         raise UserError(f"{run_dir} used the reconstruction fitness (no model, no text); re-score needs a model run")
-    state, _ = ckpt.load_checkpoint(run_dir)
-    top = ckpt.export_trees(state, settings.top)["trees"]
+    state, _ = run_state(run_dir)
+    top = best_trees(state, settings.top)
     if not top:
         raise UserError(f"{run_dir} has no evaluated metric yet")
     run_fit = fitness_settings(cfg)

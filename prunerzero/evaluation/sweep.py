@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from prunerzero.choices import METHODS, SWEEP_BASELINES, choose
 from prunerzero.data import eval_tokens
 from prunerzero.errors import UserError
-from prunerzero.evaluation.perplexity import perplexity, window_count
 from prunerzero.models import load_model, pick_device
+from prunerzero.perplexity import perplexity, window_count
 from prunerzero.primitives.known import KNOWN_METRICS
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.masks import Pattern, check_sparsity
-from prunerzero.pruning.prune import METHODS, prune_model
-from prunerzero.search.simplify import symbolic_key
+from prunerzero.pruning.prune import prune_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ SWEEP_JSON = "sweep.json"
 SWEEP_PLOT = "sweep.png"
 DEFAULT_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_PATTERNS = ("2:4", "4:8")
-BASELINES = ("magnitude", "wanda", "sparsegpt")
 
 
 def _restore(model: Any, dense: Mapping[str, Any]) -> None:
@@ -62,7 +61,7 @@ def sparsity_sweep(
     patterns: Sequence[str] = DEFAULT_PATTERNS,
     eval_seqlen: int = 1024,
     eval_windows: int | None = 4,
-    baselines: Sequence[str] = BASELINES,
+    baselines: Sequence[str] = SWEEP_BASELINES,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` pruned by each method at each sparsity and N:M pattern.
@@ -79,8 +78,7 @@ def sparsity_sweep(
 
     methods: list[tuple[str, str, Tree | None]] = []
     for b in baselines:
-        if b not in METHODS or b == "tree":
-            raise UserError(f"unknown baseline {b!r}; choose among {', '.join(BASELINES)}")
+        choose(b, [m for m in METHODS if m != "tree"], "sweep baseline")
         methods.append((b, b, None))
     for t in trees:
         label, tree = t if isinstance(t, tuple) else (str(t), t)
@@ -132,7 +130,7 @@ def sparsity_sweep(
     }
 
 
-def _parse_sparsities(text: str) -> list[float]:
+def parse_sparsities(text: str) -> list[float]:
     if not text.strip():
         return []
     out = []
@@ -144,20 +142,20 @@ def _parse_sparsities(text: str) -> list[float]:
     return out
 
 
-def _parse_patterns(text: str) -> list[str]:
+def parse_patterns(text: str) -> list[str]:
     return [] if text.strip().lower() in ("", "none") else [p.strip() for p in text.split(",")]
 
 
-def _tree_label(rank: int, formula: str) -> str:
+def tree_label(rank: int, formula: str) -> str:
     """``#1 mul(W, sqrt(X))``, with ``(= wanda)`` when the metric is a known one in another spelling."""
-    key = symbolic_key(Tree.parse(formula))
-    same = [n for n, m in KNOWN_METRICS.items() if symbolic_key(m.tree) == key]
+    key = Tree.parse(formula).symbolic_key()
+    same = [n for n, m in KNOWN_METRICS.items() if m.tree.symbolic_key() == key]
     return f"#{rank} {formula}" + (f" (= {same[0]})" if same else "")
 
 
 def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """The sweep of a run's top metrics on the run's model, with the calibration of the run."""
-    sparsities, patterns = _parse_sparsities(args.sweep_sparsities), _parse_patterns(args.patterns)
+    sparsities, patterns = parse_sparsities(args.sweep_sparsities), parse_patterns(args.patterns)
     sweep_cells(sparsities, patterns)  # validate before loading anything
     device = pick_device(args.device or (cfg.get("model") or {}).get("device") or "auto")
     c = cfg.get("calibration") or {}
@@ -169,7 +167,7 @@ def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], arg
     calib = Calibration(run_calib.source, run_calib.split, args.nsamples or run_calib.nsamples,
                         args.seqlen or run_calib.seqlen, run_calib.seed, data_dir)
     eval_seqlen = args.eval_seqlen or (1024 if device == "cpu" else 2048)
-    trees = [(_tree_label(r["rank"], r["formula"]), Tree.parse(r["formula"])) for r in hof]
+    trees = [(tree_label(r["rank"], r["formula"]), Tree.parse(r["formula"])) for r in hof]
     name = (cfg.get("model") or {}).get("name")
     if not name:
         raise UserError(f"{run_dir / 'config.yaml'} names no model (model.name); the sweep needs one")
@@ -185,12 +183,12 @@ def run_sweep(run_dir: Path, cfg: dict[str, Any], hof: list[dict[str, Any]], arg
     result = sparsity_sweep(model, tokens, trees, windows=windows, gradients=gradients, sparsities=sparsities,
                             patterns=patterns, eval_seqlen=eval_seqlen, eval_windows=args.sweep_windows)
     result.update(model=name, device=device, eval_data="wikitext2:test", calibration=calib.key(),
-                  made=_now())
+                  made=now_utc())
     return result
 
 
 # ---------------------------------------------------------------------------------------- figures
 
 
-def _now() -> str:
+def now_utc() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")

@@ -30,7 +30,7 @@ from prunerzero.models import decoder_layers, linear_layers
 from prunerzero.primitives.registry import FEATURES
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, Allocation, exact_counts, outlier_ratio, owl_ratios
-from prunerzero.pruning.prune import layer_stats
+from prunerzero.pruning.layer_masks import layer_stats
 
 
 def _entropy(scores: torch.Tensor) -> float:

@@ -84,6 +84,7 @@ class Evaluator(ABC):
 
     full_budget: int | None = None  # number of fitness units of a full evaluation, when known
     pattern: str = "unstructured"  # the pattern masks are made with (simplification checks use it)
+    mask_group: str = "row"  # where scores are compared ("tensor": an OBS block's whole ranking)
     _probes: list[dict[str, torch.Tensor]] | None = None
 
     @abstractmethod
@@ -124,7 +125,7 @@ class Evaluator(ABC):
         """Whether two trees prune alike with this evaluator's pattern (the search's OOS check)."""
         if self._probes is None:
             self._probes = self.probe_statistics()
-        return same_masks(a, b, self._probes, Pattern.parse(str(self.pattern)))
+        return same_masks(a, b, self._probes, Pattern.parse(str(self.pattern)), group=self.mask_group)
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
         """Seed the mask-level cache with fitnesses known from earlier generations (resume)."""

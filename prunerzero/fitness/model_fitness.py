@@ -15,41 +15,30 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from prunerzero.choices import OBS_SCOPES, STATS_MODES, UPDATES, check_allocation, choose
 from prunerzero.data import fitness_tokens
 from prunerzero.errors import UserError
-from prunerzero.evaluation.perplexity import window_losses
 from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key, with_progress
+from prunerzero.fitness.obs_fitness import obs_layers, run_obs_factors, swapped_weights, zero_pattern
 from prunerzero.memory import keep_freed_memory
 from prunerzero.models import load_model, prunable_linears, resolve_model
+from prunerzero.perplexity import window_losses
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, Allocation, exact_counts, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.equivalence import probes_from_layers
-from prunerzero.pruning.masks import (
-    PackedMask,
-    PackedMasks,
-    Pattern,
-    check_sparsity,
-    prune_count,
-    prune_mask,
-)
-from prunerzero.pruning.prune import (
-    Removed,
-    UnrankableLayer,
-    layer_stats,
-    masked_weights,
-    prune_model,
-    unrankable,
-)
+from prunerzero.pruning.layer_masks import MaskRule, UnrankableLayer, layer_stats, model_masks
+from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity
+from prunerzero.pruning.prune import Removed, masked_weights, prune_model
 from prunerzero.pruning.stats import (
     GRADIENT_SCALE,
     cache_key,
@@ -88,15 +77,15 @@ class FitnessSettings:
     owl_lambda: float = OWL_LAMBDA
     sparsity_range: tuple[float, float] = (0.0, 0.99)
     gradient_calibration: Calibration | None = None  # None: G from `calibration`'s windows, as X
+    update: str = "none"  # "obs": the tree picks each block's mask inside SparseGPT's weight update
+    obs_scope: str = "block"
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, Pattern.parse(self.pattern))
-        if self.allocation not in (None, "uniform", "owl"):
-            raise UserError(f"allocation must be uniform or owl, not {self.allocation!r}")
-        if self.allocation is not None and Pattern.parse(self.pattern).structured:
-            raise UserError(f"a layerwise allocation needs unstructured sparsity, not {self.pattern}")
-        if self.stats_mode not in ("once", "sequential"):
-            raise UserError(f"stats_mode must be 'once' or 'sequential', not {self.stats_mode!r}")
+        check_allocation(self.allocation, Pattern.parse(self.pattern).structured, "fitness.allocation", files=False)
+        choose(self.stats_mode, STATS_MODES, "fitness.stats_mode")
+        choose(self.update, UPDATES, "fitness.update")
+        choose(self.obs_scope, OBS_SCOPES, "fitness.obs_scope")
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,7 +100,16 @@ class FitnessSettings:
             d.pop("gradient_calibration")
         else:
             d["gradient_calibration"] = self.gradient_calibration.key()
+        if self.update == "none":  # and runs without a weight update too
+            d.pop("update")
+            d.pop("obs_scope")
         return d
+
+    @property
+    def mask_group(self) -> str:
+        """Where the rule's scores are compared: the whole block inside the OBS update (its reference
+        scope), else each row."""
+        return "tensor" if self.update == "obs" and self.obs_scope == "block" else "row"
 
     @property
     def g_calibration(self) -> Calibration:
@@ -183,13 +181,6 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _single_threaded(fn: Callable[..., Any], *args: Any) -> Any:
-    # torch's thread count is per thread: a pool thread takes the process-wide count when it first
-    # runs an op, so it is set here, in the thread itself.
-    torch.set_num_threads(1)
-    return fn(*args)
-
-
 class ModelFitness:
     """One model, its statistics and fitness tokens; evaluates trees one at a time."""
 
@@ -215,14 +206,16 @@ class ModelFitness:
                                      [c.draw() for c in settings.calibrations()], settings.calibration.data_dir)
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
         self.allocation = self._allocation()
+        self.mask_rule = MaskRule(settings.sparsity, self.pattern,
+                                  counts=None if self.allocation is None else self.allocation.counts)
+        self.obs_factors = run_obs_factors(model, tokenizer, source, settings, run_dir)
         self.known_masks: dict[str, float] = {}
         threads = torch.get_num_threads()
         on_cpu = next(model.parameters()).device.type == "cpu"
         self._layer_pool = ThreadPoolExecutor(threads, "layer-mask") if on_cpu and threads > 1 else None
 
     def masks(self, tree: Tree) -> PackedMasks | str:
-        """The tree's masks (packed: a bool copy of every weight is what a worker can least
-        afford), or the reason it cannot rank weights.
+        """The tree's masks (packed), or the reason it cannot rank weights.
 
         On a CPU with several threads, layers are scored and selected side by side, one torch
         thread each: the selection (numpy) runs on one core whatever torch's thread count, so two
@@ -231,40 +224,18 @@ class ModelFitness:
         one torch thread, as in a one-thread Ray worker, so reductions (mms, zsn) round alike."""
         uses = tree.terminals  # only the statistics the tree reads: G may come from a file
 
-        def layer_mask(name: str, lin: torch.nn.Module) -> PackedMask | str:
-            stats = layer_stats(lin.weight if "W" in uses else None,
-                                self.activations.get(name) if "X" in uses else None,
-                                self.gradients.get(name) if "G" in uses else None)
-            scores = tree.evaluate(stats, lin.weight.shape)
-            reason = unrankable(scores)
-            if reason:
-                return f"{reason} in {name}"
-            if self.allocation is not None:
-                return PackedMask.of(prune_count(scores, self.allocation.counts[name]))
-            return PackedMask.of(prune_mask(scores, self.settings.sparsity, self.pattern))
+        def stats_of(name: str, lin: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return layer_stats(lin.weight if "W" in uses else None,
+                               self.activations.get(name) if "X" in uses else None,
+                               self.gradients.get(name) if "G" in uses else None)
 
-        masks = PackedMasks()
-        if self._layer_pool is None:
-            for name, lin in self.linears.items():
-                mask = layer_mask(name, lin)
-                if isinstance(mask, str):
-                    return mask
-                masks.add(name, mask)
-            return masks
-        with torch_threads(1):
-            futures = {name: self._layer_pool.submit(_single_threaded, layer_mask, name, lin)
-                       for name, lin in self.linears.items()}
-            try:
-                for name, future in futures.items():
-                    mask = future.result()
-                    if isinstance(mask, str):
-                        return mask
-                    masks.add(name, mask)
-            finally:
-                for future in futures.values():
-                    future.cancel()
-                wait(futures.values())  # torch's thread count is restored only after the last layer
-        return masks
+        try:
+            if self._layer_pool is None:
+                return model_masks(tree, self.linears, stats_of, self.mask_rule)
+            with torch_threads(1):  # restored only after the last layer (model_masks waits for all)
+                return model_masks(tree, self.linears, stats_of, self.mask_rule, self._layer_pool)
+        except UnrankableLayer as e:
+            return str(e)
 
     def _budget(self, budget: int | None) -> int | None:
         """None for the full budget, else a number of windows below it."""
@@ -284,6 +255,8 @@ class ModelFitness:
     def evaluate(self, tree: Tree, budget: int | None = None) -> FitnessResult:
         start = time.perf_counter()
         budget = self._budget(budget)
+        if self.settings.update == "obs":
+            return self._evaluate_obs(tree, start, budget)
         if self.settings.stats_mode == "sequential":
             return self._evaluate_sequential(tree, start, budget)
         masks = self.masks(tree)
@@ -318,6 +291,33 @@ class ModelFitness:
             removed.restore(self.model)
         return FitnessResult.measured(ppl, seconds=time.perf_counter() - start, budget=budget)
 
+    def _evaluate_obs(self, tree: Tree, start: float, budget: int | None) -> FitnessResult:
+        """The tree inside SparseGPT's update: reconstructed layers swapped in, the dense ones back after."""
+        s = self.settings
+        with swapped_weights(self.linears):
+            try:
+                if s.stats_mode == "sequential":
+                    prune_model(self.model, "tree", s.sparsity, self.pattern, windows=self.calib_windows, tree=tree,
+                                gradients=self.gradients, allocation=self.allocation, update="obs",
+                                obs_scope=s.obs_scope)
+                else:
+                    for name, new in obs_layers(self.linears, tree, s.sparsity, self.pattern, self.obs_factors,
+                                                self.activations, self.gradients, self.allocation, s.obs_scope):
+                        self.linears[name].weight.data = new
+            except UnrankableLayer as e:
+                return FitnessResult.worst(str(e), time.perf_counter() - start)
+            key = mask_key(zero_pattern(self.linears))
+            t_update = time.perf_counter()
+            known = self.known_masks.get(mask_cache_key(key, budget))
+            if known is not None:
+                return FitnessResult(known, mask_key=key, seconds=t_update - start, cached="mask", budget=budget)
+            ppl = self.forward_loss(budget)
+        t_end = time.perf_counter()
+        if np.isfinite(ppl):
+            self.known_masks[mask_cache_key(key, budget)] = ppl
+        return FitnessResult.measured(ppl, mask_key=key, seconds=t_end - start, budget=budget,
+                                      timings={"update": t_update - start, "forward": t_end - t_update})
+
     def _allocation(self) -> Allocation | None:
         """The run's layerwise allocation, from the dense model's statistics (fixed for the run)."""
         s = self.settings
@@ -339,8 +339,10 @@ class ModelFitness:
         chosen = []
         for name in picks:
             g = self.gradients.get(name)
+            factor = self.obs_factors.get(name)
             chosen.append({"W": self.linears[name].weight.detach().abs(), "X": self.activations[name],
-                           "G": None if g is None else g.clone()})
+                           "G": None if g is None else g.clone(),
+                           "D": None if factor is None else 1.0 / torch.diagonal(factor.float())})
         return probes_from_layers(chosen)
 
 
@@ -351,6 +353,7 @@ class InProcessEvaluator(Evaluator):
         self.fitness = fitness or ModelFitness(settings, run_dir)
         self.full_budget = settings.windows
         self.pattern = settings.pattern
+        self.mask_group = settings.mask_group
 
     def probe_statistics(self) -> list[dict[str, torch.Tensor]]:
         return self.fitness.probe_statistics()

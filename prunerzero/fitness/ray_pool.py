@@ -44,16 +44,17 @@ from prunerzero.fitness.model_fitness import (
     prepare_statistics,
     statistics_paths,
 )
+from prunerzero.fitness.obs_fitness import run_obs_factors
 from prunerzero.fitness.ray_worker import (
     KILL_GRACE_S,
     RaySettings,
-    _check_reachable,
-    _device_available,
-    _free_resources,
-    _kill,
-    _one_line,
-    _ready_error,
-    _remote_worker,
+    check_reachable,
+    device_available,
+    free_resources,
+    kill,
+    one_line,
+    ready_error,
+    remote_worker,
     statistics_ready,
 )
 from prunerzero.models import load_model
@@ -89,6 +90,7 @@ class RayEvaluator(Evaluator):
         self.gradients = gradients
         self.full_budget = settings.windows
         self.pattern = settings.pattern
+        self.mask_group = settings.mask_group
         self.run_dir = Path(run_dir)
         self.ray_settings = ray_settings or RaySettings()
         self._slots: list[_Slot] = []
@@ -114,7 +116,7 @@ class RayEvaluator(Evaluator):
         try:
             self._connect()
             self._check_resources()
-            if not statistics_ready(settings, self.run_dir, gradients) and _device_available(settings.device):
+            if not statistics_ready(settings, self.run_dir, gradients) and device_available(settings.device):
                 self._prepare_statistics()
             # Without the statistics (the driver cannot use the device), the first worker computes
             # them into the run folder and the others start once it is ready and load them.
@@ -133,7 +135,7 @@ class RayEvaluator(Evaluator):
     def _connect(self) -> None:
         address = self.ray_settings.address
         if address not in (None, "auto"):
-            _check_reachable(address)
+            check_reachable(address)
         if ray.is_initialized():
             log.info("using the Ray session already open in this process")
             return
@@ -145,7 +147,7 @@ class RayEvaluator(Evaluator):
             else:
                 ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, TimeoutError) as e:
-            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {_one_line(e)}") from None
+            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {one_line(e)}") from None
         self._owns_ray = True
 
     def _check_resources(self) -> None:
@@ -165,6 +167,7 @@ class RayEvaluator(Evaluator):
         model, tokenizer, source = load_model(self.settings.model, self.settings.device)
         try:
             prepare_statistics(model, tokenizer, source, self.settings, self.run_dir, self.gradients)
+            run_obs_factors(model, tokenizer, source, self.settings, self.run_dir)
         finally:
             del model
             gc.collect()
@@ -176,7 +179,7 @@ class RayEvaluator(Evaluator):
 
     def _new_actor(self) -> _Slot:
         threads = str(self.ray_settings.threads_per_worker)
-        cls = _remote_worker().options(
+        cls = remote_worker().options(
             num_cpus=self.ray_settings.cpus_per_worker, num_gpus=self.ray_settings.gpus_per_worker, max_restarts=0,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
         )
@@ -202,7 +205,7 @@ class RayEvaluator(Evaluator):
                 log.warning("%d Ray worker(s) still starting after 30 s (each needs %g CPU, %g GPU; the cluster has "
                             "%s available)", len(pending), self.ray_settings.cpus_per_worker,
                             self.ray_settings.gpus_per_worker,
-                            _free_resources())
+                            free_resources())
                 continue
             if not done:
                 raise UserError(f"{len(pending)} Ray worker(s) did not start within "
@@ -211,7 +214,7 @@ class RayEvaluator(Evaluator):
             for ref in done:
                 slot = pending.pop(ref)
                 slot.ready_ref = None
-                error = _ready_error(ref)
+                error = ready_error(ref)
                 if error:
                     raise UserError(f"a Ray worker could not load model {self.settings.model!r}: {error}")
 
@@ -293,7 +296,7 @@ class RayEvaluator(Evaluator):
         self._closed = True
         if ray.is_initialized():
             for slot in self._slots:
-                _kill(slot.handle)
+                kill(slot.handle)
         self._slots.clear()
         self._running.clear()
         if self._owns_ray and ray.is_initialized():
@@ -355,14 +358,14 @@ class RayEvaluator(Evaluator):
         try:
             result = ray.get(ref)
         except UserError as e:  # as the in-process evaluator: a configuration problem stops the run
-            raise UserError(_one_line(e).removeprefix("UserError: ")) from None
+            raise UserError(one_line(e).removeprefix("UserError: ")) from None
         except RayTaskError as e:  # the worker catches tree errors itself; this is unexpected
-            results[job.index] = FitnessResult.worst(_one_line(e))
+            results[job.index] = FitnessResult.worst(one_line(e))
             return
         except (RayActorError, RayError) as e:  # the worker died (crash, OOM, node lost, killed)
             deaths[job.index] = deaths.get(job.index, 0) + 1
             self.deaths += 1
-            why = _one_line(e)
+            why = one_line(e)
             log.warning("worker died under tree %d (%s); replacing it", job.index, why)
             if deaths[job.index] > self.ray_settings.max_restarts:
                 reason = f"worker died {deaths[job.index]} times under this tree: {why}"
@@ -378,7 +381,7 @@ class RayEvaluator(Evaluator):
 
     def _started(self, slot: _Slot) -> None:
         ref, slot.ready_ref = slot.ready_ref, None
-        error = _ready_error(ref)
+        error = ready_error(ref)
         if error:
             self._failed_start(slot, error)
         else:
@@ -393,7 +396,7 @@ class RayEvaluator(Evaluator):
 
     def _replace(self, slot: _Slot) -> None:
         """Kill the slot's actor (if still alive) and put a fresh one in its place."""
-        _kill(slot.handle)
+        kill(slot.handle)
         if slot.job is not None:
             self._running.pop(slot.job, None)
         fresh = self._new_actor()

@@ -71,7 +71,7 @@ def statistics_ready(settings: FitnessSettings, run_dir: str | Path, gradients: 
     return acts.is_file() and (not gradients or grads.is_file())
 
 
-def _one_line(e: BaseException | str, limit: int = 400) -> str:
+def one_line(e: BaseException | str, limit: int = 400) -> str:
     """A short description of an error: Ray errors carry whole tracebacks; keep the cause."""
     if isinstance(e, BaseException):
         cause = getattr(e, "cause", None)
@@ -102,7 +102,7 @@ class FitnessWorker:
         try:
             self.fitness = ModelFitness(settings, run_dir, gradients=gradients)
         except Exception as e:  # reported by ready()
-            self.error = _one_line(e)
+            self.error = one_line(e)
             log.error("worker could not start: %s", self.error)
 
     def ready(self) -> str | None:
@@ -117,7 +117,7 @@ class FitnessWorker:
             raise
         except Exception as e:  # a tree must never stop the search
             log.warning("tree %s failed: %s", text, e)
-            return FitnessResult.worst(_one_line(e), time.perf_counter() - start)
+            return FitnessResult.worst(one_line(e), time.perf_counter() - start)
 
     def remember(self, mask_fitness: dict[str, float]) -> None:
         if self.fitness is not None:
@@ -148,7 +148,7 @@ class FitnessWorker:
 _REMOTE_WORKER: Any = None
 
 
-def _remote_worker() -> Any:
+def remote_worker() -> Any:
     """FitnessWorker as a Ray actor class, made once per process (each ray.remote re-exports it)."""
     global _REMOTE_WORKER
     if _REMOTE_WORKER is None:
@@ -156,18 +156,18 @@ def _remote_worker() -> Any:
     return _REMOTE_WORKER
 
 
-def _free_resources() -> str:
+def free_resources() -> str:
     free = ray.available_resources()
     return f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU"
 
 
-def _device_available(device: str) -> bool:
+def device_available(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available()
     return True
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -180,15 +180,15 @@ def _check_reachable(address: str) -> None:
                         "`ray start --head` there, or leave address unset for a local instance") from None
 
 
-def _ready_error(ref: Any) -> str | None:
+def ready_error(ref: Any) -> str | None:
     """None if the worker behind a ready() reference can evaluate, else why not."""
     try:
         return ray.get(ref)
     except RayError as e:  # the process died while loading (for instance killed for memory)
-        return _one_line(e)
+        return one_line(e)
 
 
-def _kill(handle: Any) -> None:
+def kill(handle: Any) -> None:
     try:
         ray.kill(handle, no_restart=True)
     except Exception:  # already dead or the session is gone

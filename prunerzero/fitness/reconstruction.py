@@ -16,7 +16,8 @@ import torch
 from prunerzero.fitness.base import Evaluator, FitnessResult
 from prunerzero.fitness.model_fitness import mask_key
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.masks import Pattern, prune_mask
+from prunerzero.pruning.layer_masks import MaskRule, UnrankableLayer, tree_mask
+from prunerzero.pruning.masks import Pattern
 
 UNIT_TOKENS = 32  # the fitness unit of this evaluator: a block of input rows (a model's is a window)
 
@@ -49,13 +50,14 @@ class ReconstructionEvaluator(Evaluator):
         budget = None if budget == self.full_budget else budget
         inputs, target = self.inputs[:rows], self.target[:rows]
         out = []
+        rule = MaskRule(self.sparsity, Pattern.parse(self.pattern))
         for tree in trees:
             self.calls += 1
-            scores = tree.evaluate(self.stats, self.weight.shape)
-            if bool((scores.amax(dim=1) == scores.amin(dim=1)).all()):
-                out.append(FitnessResult.worst("scores are constant in every row"))
+            try:
+                mask = tree_mask(tree, self.stats, self.weight.shape, rule)
+            except UnrankableLayer as e:
+                out.append(FitnessResult.worst(str(e)))
                 continue
-            mask = prune_mask(scores, self.sparsity, Pattern.parse(self.pattern))
             pruned = self.weight.masked_fill(mask, 0.0)
             err = ((inputs @ pruned.t() - target) ** 2).sum() / (target**2).sum()
             out.append(FitnessResult.measured(float(err), mask_key=mask_key({"w": mask}), budget=budget))

@@ -14,7 +14,7 @@ from typing import Sequence
 from deap import base, gp
 
 from prunerzero.errors import UserError
-from prunerzero.primitives.registry import CONSTANTS, FEATURES, OPERATORS, TERMINALS, is_constant
+from prunerzero.primitives.registry import CONSTANTS, FEATURES, OBS_TERMINALS, OPERATORS, TERMINALS, is_constant
 from prunerzero.primitives.tree import Tree
 
 
@@ -46,7 +46,8 @@ def primitive_set(operators: Sequence[str], terminals: Sequence[str], constants:
     if bad:
         raise UserError(f"unknown terminal(s) {', '.join(bad)}; known: {', '.join(TERMINALS)} (statistics), "
                         f"{', '.join(FEATURES)} (allocation features)")
-    if set(terminals) & set(TERMINALS) and set(terminals) & set(FEATURES):
+    # D is also the OBS update's statistic (a metric's terminal there): only the other features mix badly
+    if set(terminals) & set(TERMINALS) and set(terminals) & (set(FEATURES) - set(OBS_TERMINALS)):
         raise UserError("search.terminals mixes weight statistics (W, G, X) with allocation features "
                         f"({', '.join(FEATURES)}): a metric reads the first, an allocation function the second")
     odd = [c for c in constants if not is_constant(c)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunerzero.choices import UPDATES
 from prunerzero.errors import UserError
 from prunerzero.files import read_json
 from prunerzero.primitives.registry import OBS_TERMINALS, TERMINALS
@@ -36,6 +37,8 @@ KNOWN_METRICS: dict[str, KnownMetric] = {m.name: m for m in (
     KnownMetric("ria", "mul(add(coln(W), rown(W)), sqrt(sqrt(X)))",
                 "Zhang et al., ICLR 2024 (relative importance and activations, a = 0.5, no channel permutation)"),
     KnownMetric("pruner-zero", "mul(abs(mul(W, W)), mms(G))", "Dong et al., ICML 2024 (the published tree)"),
+    # SparseGPT's saliency w^2 / [H^-1]_jj^2, which exists only inside its OBS update (update: obs).
+    KnownMetric("sparsegpt", "sqr(mul(W, D))", "Frantar & Alistarh, ICML 2023 (its mask rule inside the OBS update)"),
 )}
 
 
@@ -68,7 +71,7 @@ def tree_update(spec: str) -> str:
         return "none"
     data = read_json(path, "tree file")
     update = data.get("update", "none") if isinstance(data, dict) else "none"
-    if update not in ("none", "obs"):
+    if update not in UPDATES:
         raise UserError(f"tree file {path} records update {update!r}; prunerzero knows none and obs")
     return update
 

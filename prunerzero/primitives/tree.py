@@ -308,6 +308,11 @@ class Tree:
         return out.expand(shape) if out.shape != shape else out
 
     # ---------------------------------------------------------------- SymPy
+    def symbolic_key(self) -> str:
+        """The canonical key of the tree's SymPy form: equal keys mean the same metric (what the
+        search's formula cache and the known-metric lookups compare)."""
+        return f"sympy:{sympy.srepr(self.to_sympy())}"
+
     def to_sympy(self) -> sympy.Expr:
         stack: list[sympy.Expr] = []
         for name in reversed(self.nodes):

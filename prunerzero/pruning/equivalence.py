@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import torch
 
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.masks import Pattern, prune_mask
+from prunerzero.pruning.layer_masks import MaskRule, UnrankableLayer, tree_mask
+from prunerzero.pruning.masks import Pattern
 
 Probe = Mapping[str, torch.Tensor]
 
@@ -33,8 +34,16 @@ def synthetic_probes(seed: int = 1234) -> list[dict[str, torch.Tensor]]:
         w = torch.randn(rows, cols, generator=gen).abs() * 0.02 * row_scale
         g = torch.randn(rows, cols, generator=gen).abs() * 10 ** (torch.rand(rows, 1, generator=gen) * 4 - 3)
         x = 10 ** (torch.rand(1, cols, generator=gen) * 6 - 1)
-        out.append({"W": w, "G": g, "X": x})
+        d = synthetic_d(cols, seed)
+        out.append({"W": w, "G": g, "X": x, "D": d})
     return out
+
+
+def synthetic_d(cols: int, seed: int) -> torch.Tensor:
+    """A stand-in for the OBS update's D (1 / [H^-1]_jj: positive, spread over decades like X), from a
+    generator of its own so that the other probe statistics stay what they were before D existed."""
+    gen = torch.Generator().manual_seed(seed + cols)
+    return 10 ** (torch.rand(1, cols, generator=gen) * 3 - 1)
 
 
 def probes_from_layers(layers: Sequence[Mapping[str, torch.Tensor]], rows: int = 16, seed: int = 1234) -> list[dict[str, torch.Tensor]]:
@@ -47,22 +56,38 @@ def probes_from_layers(layers: Sequence[Mapping[str, torch.Tensor]], rows: int =
         pick = torch.randperm(w.shape[0], generator=gen)[:rows]
         probe = {"W": w[pick].float().cpu(), "X": layer["X"].reshape(1, -1).float().cpu()}
         probe["G"] = layer["G"][pick].float().cpu() if layer.get("G") is not None else torch.ones_like(probe["W"])
+        if layer.get("D") is not None:  # the OBS update's D, where the run has its factors
+            probe["D"] = layer["D"].reshape(1, -1).float().cpu()
+        else:
+            probe["D"] = synthetic_d(w.shape[1], seed)
         out.append(probe)
     return out
 
 
 def same_masks(a: Tree, b: Tree, probes: Sequence[Probe], pattern: Pattern = Pattern(),
-               sparsities: Sequence[float] = SPARSITIES, tolerance: float = TOLERANCE) -> bool:
-    """Whether two trees prune the same weights on the probes (per row, or per N:M group)."""
+               sparsities: Sequence[float] = SPARSITIES, tolerance: float = TOLERANCE, group: str = "row") -> bool:
+    """Whether two trees prune the same weights on the probes (per row, or per N:M group; ``group``
+    "tensor": ranked over the whole probe, as the OBS update ranks a block)."""
     if pattern.structured:
         sparsities = (pattern.n / pattern.m,)
     for stats in probes:
         shape = stats["W"].shape
         if pattern.structured and shape[1] % pattern.m:
             continue
-        sa, sb = a.evaluate(stats, shape), b.evaluate(stats, shape)
         for s in sparsities:
-            ma, mb = prune_mask(sa, s, pattern), prune_mask(sb, s, pattern)
-            if int((ma != mb).sum()) > tolerance * ma.numel():
+            rule = MaskRule(s, pattern, group)
+            ma, mb = _mask_or_none(a, stats, shape, rule), _mask_or_none(b, stats, shape, rule)
+            if ma is None or mb is None:
+                if ma is not mb:  # one ranks the weights, the other cannot: they prune differently
+                    return False
+            elif int((ma != mb).sum()) > tolerance * ma.numel():
                 return False
     return True
+
+
+def _mask_or_none(tree: Tree, stats: Probe, shape: torch.Size, rule: MaskRule) -> torch.Tensor | None:
+    """The tree's mask on a probe, or None where it cannot rank the probe's weights."""
+    try:
+        return tree_mask(tree, stats, shape, rule, "a probe")
+    except UnrankableLayer:
+        return None

@@ -20,30 +20,25 @@ column, on the group's current weights.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 
+from prunerzero.choices import OBS_SCOPES, UPDATES, choose
 from prunerzero.errors import UserError
 from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
-from prunerzero.pruning.masks import Pattern, prune_mask
+from prunerzero.pruning.layer_masks import MaskRule, tree_mask
+from prunerzero.pruning.masks import Pattern
 
 SPARSEGPT_TREE = Tree.parse("sqr(mul(W, D))")
-UPDATES = ("none", "obs")
-SCOPES = ("block", "row")
 BLOCKSIZE = 128
 PERCDAMP = 0.01
 
 
-class UnrankableBlock(UserError):
-    """A rule's scores cannot rank a block of a layer (NaN/Inf, or one value for every weight)."""
-
-
-def block_scores(tree: Tree, weight: torch.Tensor, d: torch.Tensor, x: torch.Tensor | None,
-                 g: torch.Tensor | None, cols: slice) -> torch.Tensor:
-    """The tree's scores of one block: ``weight`` (out, k) the block's current weights, ``d`` (k,) the
-    diagonal of its ``Hinv`` block, ``x`` (in,) and ``g`` (out, in) the layer's, cut to ``cols``."""
+def block_stats(tree: Tree, weight: torch.Tensor, d: torch.Tensor, x: torch.Tensor | None,
+                g: torch.Tensor | None, cols: slice) -> dict[str, torch.Tensor]:
+    """The statistics of one block the tree reads: ``weight`` (out, k) the block's current weights,
+    ``d`` (k,) the diagonal of its ``Hinv`` block, ``x`` (in,) and ``g`` (out, in) the layer's, cut to
+    ``cols``."""
     stats: dict[str, torch.Tensor] = {"W": weight.abs()}
     terminals = tree.terminals
     if "D" in terminals:
@@ -52,31 +47,23 @@ def block_scores(tree: Tree, weight: torch.Tensor, d: torch.Tensor, x: torch.Ten
         stats["X"] = finite(x.reshape(1, -1)[:, cols].float())
     if "G" in terminals:
         stats["G"] = g[:, cols].float()
-    return tree.evaluate(stats, weight.shape)
+    return stats
 
 
-def _why_unrankable(scores: torch.Tensor) -> str | None:
-    high, low = scores.amax(), scores.amin()
-    if not bool(torch.isfinite(high) and torch.isfinite(low)):
-        return "scores contain NaN or Inf"
-    if bool(high == low):
-        return "scores are one value for every weight"
-    return None
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, name: str = "the layer",
-                           nsamples: int | None = None, percdamp: float = PERCDAMP) -> torch.Tensor:
-    """SparseGPT's ``Hinv``: dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weights zeroed (in
-    ``weight``, in place), damping ``percdamp * mean(diag H)``, then the upper Cholesky factor of the
-    inverse. A Hessian that is not positive definite is refused with the way out."""
-    H = hessian.clone()
+def inverse_hessian_factor(hessian: torch.Tensor, name: str = "the layer", nsamples: int | None = None,
+                           percdamp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's ``Hinv`` and the layer's dead inputs: dead inputs (``H_jj = 0``) get ``H_jj = 1``
+    (their weights are zeroed by the update), damping ``percdamp * mean(diag H)``, then the upper
+    Cholesky factor of the inverse. Returns (factor, dead). A Hessian that is not positive definite
+    is refused with the way out. It depends on the Hessian alone, so a run computes it once per
+    layer (``stats_mode: once``) and every candidate reuses it."""
+    H = hessian.clone().float()
     cols = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    weight[:, dead] = 0
     H[torch.arange(cols), torch.arange(cols)] += percdamp * torch.mean(torch.diag(H))
     try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
     except torch.linalg.LinAlgError:
         seen = f" from {nsamples} calibration windows" if nsamples else ""
         more = f" (e.g. --nsamples {2 * nsamples})" if nsamples else ""
@@ -89,12 +76,20 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
               scope: str = "block", name: str = "the layer", nsamples: int | None = None,
               blocksize: int = BLOCKSIZE, percdamp: float = PERCDAMP) -> torch.Tensor:
     """Prune one layer with the OBS update, each block's mask picked by ``tree``; returns the new weight."""
-    if scope not in SCOPES:
-        raise UserError(f"the OBS mask scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    factor, dead = inverse_hessian_factor(hessian, name, nsamples, percdamp)
+    return obs_update(weight, factor, dead, sparsity, pattern, tree, x, g, scope, name, blocksize)
+
+
+def obs_update(weight: torch.Tensor, factor: torch.Tensor, dead: torch.Tensor, sparsity: float, pattern: Pattern,
+               tree: Tree = SPARSEGPT_TREE, x: torch.Tensor | None = None, g: torch.Tensor | None = None,
+               scope: str = "block", name: str = "the layer", blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """The OBS update of one layer from its Hessian's factor (:func:`inverse_hessian_factor`)."""
+    choose(scope, OBS_SCOPES, "the OBS mask scope (--obs-scope)")
     W = weight.detach().clone().float()
-    Hinv = inverse_hessian_factor(hessian, W, name, nsamples, percdamp)
+    W[:, dead] = 0
+    Hinv = factor
     cols = W.shape[1]
-    group = "tensor" if scope == "block" else "row"
+    rule = MaskRule(sparsity, pattern, "tensor" if scope == "block" else "row")
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -105,17 +100,15 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         if pattern.structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            scores = block_scores(tree, W1, d1, x, g, slice(i1, i2))
-            _check(scores, name, i1, i2)
-            mask1 = prune_mask(scores, sparsity, pattern, group=group)
+            mask1 = tree_mask(tree, block_stats(tree, W1, d1, x, g, slice(i1, i2)), W1.shape, rule,
+                              f"{name}, input columns {i1}-{i2 - 1}")
         for i in range(i2 - i1):
             w = W1[:, i]
             d = Hinv1[i, i]
             if pattern.structured and i % pattern.m == 0:
                 j = min(i + pattern.m, i2 - i1)
-                scores = block_scores(tree, W1[:, i:j], d1[i:j], x, g, slice(i1 + i, i1 + j))
-                _check(scores, name, i1 + i, i1 + j)
-                mask1[:, i:j] = prune_mask(scores, sparsity, pattern)
+                mask1[:, i:j] = tree_mask(tree, block_stats(tree, W1[:, i:j], d1[i:j], x, g, slice(i1 + i, i1 + j)),
+                                          W1[:, i:j].shape, rule, f"{name}, input columns {i1 + i}-{i1 + j - 1}")
             q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
@@ -127,17 +120,10 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
     return W.to(weight.dtype)
 
 
-def _check(scores: torch.Tensor, name: str, i1: int, i2: int) -> None:
-    why = _why_unrankable(scores)
-    if why is not None:
-        raise UnrankableBlock(f"the rule cannot rank the weights of {name}, input columns {i1}-{i2 - 1}: {why}")
-
-
 def check_update(update: str, method: str, tree: Tree | None) -> None:
     """``update`` with a method and tree: D exists only inside the OBS update, and the update needs a
     rule (a tree, or sparsegpt's own)."""
-    if update not in UPDATES:
-        raise UserError(f"--update must be one of {', '.join(UPDATES)}, not {update!r}")
+    choose(update, UPDATES, "--update")
     if update == "obs" and method not in ("tree", "sparsegpt"):
         raise UserError(f"--update obs picks masks with a tree inside SparseGPT's update: use --method tree --tree "
                         f"{method if method != 'magnitude' else 'abs(W)'} --update obs (or --method sparsegpt), "
@@ -145,6 +131,3 @@ def check_update(update: str, method: str, tree: Tree | None) -> None:
     if tree is not None and "D" in tree.terminals and update != "obs":
         raise UserError(f"{tree} reads D (1 / [H^-1]_jj), which exists only inside the OBS update: add --update obs")
 
-
-def layer_inputs(stats: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
-    return None if stats is None else stats.get(name)

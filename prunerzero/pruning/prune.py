@@ -1,48 +1,45 @@
 """Pruning methods: magnitude, wanda, ria, sparsegpt and any symbolic tree, over one mask routine.
 
-Scores come from a known metric's tree (wanda, ria: :mod:`prunerzero.primitives.known`) or a
-user's tree per linear layer; ``magnitude`` ranks |W| over the whole layer, as the reference
-``prune_magnitude`` of Wanda and Pruner-Zero does (the tree ``abs(W)`` ranks per row, like every tree); :func:`prune_mask` turns them into masks;
-weights under the mask are set to zero. Methods that need activations (wanda, trees using ``X``,
-sparsegpt) walk the decoder block by block with :func:`iterate_blocks`, as the reference code does:
-each block sees the outputs of the already pruned blocks before it.
+Every method is a tree (wanda, ria, magnitude: :mod:`prunerzero.primitives.known`; ``tree``: the
+user's) whose masks come from :mod:`prunerzero.pruning.layer_masks`, the one path from a tree to
+masks; ``magnitude`` ranks |W| over the whole layer, as the reference ``prune_magnitude`` of Wanda
+and Pruner-Zero does (the tree ``abs(W)`` ranks per row, like every tree). Weights under the mask
+are set to zero; with the OBS update (and ``sparsegpt``) the tree picks each block's mask inside
+SparseGPT's reconstruction (:mod:`prunerzero.pruning.obs`, through the same path).
+
+Methods that need activations (wanda, trees using ``X``, sparsegpt) walk the decoder block by block
+with :func:`iterate_blocks`, as the reference code does: each block sees the outputs of the already
+pruned blocks before it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from prunerzero.choices import METHODS, allocation_needs_unstructured, choose
 from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears
 from prunerzero.primitives.known import KNOWN_METRICS
-from prunerzero.primitives.registry import finite
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import Allocation
+from prunerzero.pruning.layer_masks import MaskRule, layer_stats, model_masks, tree_mask
 from prunerzero.pruning.layerwise import InputStatistics, iterate_blocks
-from prunerzero.pruning.masks import PackedMasks, Pattern, prune_count, prune_mask
+from prunerzero.pruning.masks import PackedMasks, Pattern
 from prunerzero.pruning.obs import SPARSEGPT_TREE, check_update, obs_prune
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "ria", "sparsegpt", "tree")
 # Methods whose scores are a known metric's tree, ranked per output row (or N:M group).
 TREE_METHODS = ("wanda", "ria")
-
-# A score function gets the layer's name, |W| and the statistics it may use (X of shape (1, in),
-# G of shape (out, in)) and returns a score tensor of W's shape.
-ScoreFn = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def tree_score(tree: Tree) -> ScoreFn:
-    return lambda _name, stats: tree.evaluate(stats, stats["W"].shape if "W" in stats else None)
 
 
 def method_tree(method: str, tree: Tree | None = None) -> Tree | None:
@@ -87,54 +84,20 @@ def measure_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (int((l.weight == 0).sum()), l.weight.numel()) for n, l in prunable_linears(model).items()}
 
 
-def layer_stats(weight: torch.Tensor | None, x: torch.Tensor | None, g: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The statistics a tree reads for one layer; those given as None are left out (|W| costs a
-    pass over the weights, so a caller that knows its tree needs no W passes none)."""
-    stats = {} if weight is None else {"W": weight.detach().abs().float()}
-    if x is not None:
-        stats["X"] = finite(x.reshape(1, -1).float())  # tiny; G is made finite where it is computed
-    if g is not None:
-        stats["G"] = g.float()
-    return stats
-
-
 def score_masks(
     model: nn.Module,
-    score: ScoreFn,
+    tree: Tree,
     sparsity: float,
     pattern: Pattern,
     activations: Mapping[str, torch.Tensor] | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
     group: str = "row",
     allocation: Allocation | None = None,
-) -> dict[str, torch.Tensor]:
+) -> PackedMasks:
     """Masks of every prunable layer from statistics computed beforehand (no calibration pass)."""
-    masks = {}
-    for name, lin in prunable_linears(model).items():
-        s = score(name, layer_stats(lin.weight, _get(activations, name), _get(gradients, name)))
-        masks[name] = layer_mask(name, s, sparsity, pattern, group, _count(allocation, name))
-    return masks
-
-
-def _count(allocation: Allocation | None, name: str) -> int | None:
-    return None if allocation is None else allocation.counts[name]
-
-
-class UnrankableLayer(UserError):
-    """A metric's scores cannot rank a layer's weights (NaN/Inf, or constant in every row)."""
-
-
-def layer_mask(name: str, scores: torch.Tensor, sparsity: float, pattern: Pattern, group: str = "row",
-               count: int | None = None) -> torch.Tensor:
-    """A layer's mask from its scores; a layer whose scores cannot rank its weights is refused,
-    naming the layer (pruning it would pick weights by position, not by the metric)."""
-    why = unrankable(scores)
-    if why is not None:
-        raise UnrankableLayer(f"the metric cannot rank the weights of {name}: {why}; a metric must vary within "
-                        "each output row (a tree that simplifies to a constant prunes by position)")
-    if count is not None:
-        return prune_count(scores, count, group)
-    return prune_mask(scores, sparsity, pattern, group=group)
+    rule = MaskRule(sparsity, pattern, group, None if allocation is None else allocation.counts)
+    return model_masks(tree, prunable_linears(model), lambda name, lin: layer_stats(
+        lin.weight, _get(activations, name), _get(gradients, name)), rule)
 
 
 def _get(stats: Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
@@ -271,26 +234,24 @@ def prune_model(
     (:mod:`prunerzero.pruning.obs`; ``sparsegpt`` is the tree ``sqr(mul(W, D))`` with it), ranked over
     the block (``obs_scope="block"``, the reference) or per row of the block (``"row"``).
     """
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    choose(method, METHODS, "method")
     if method == "tree" and tree is None:
         raise UserError("method tree needs a tree: --tree FILE.json (or --tree pruner-zero)")
     check_update(update, method, tree)
     # with the OBS update the rule picks masks inside obs_prune; otherwise scores are ranked once
     rule = SPARSEGPT_TREE if method == "sparsegpt" else (tree if update == "obs" else None)
     scored = method_tree(method, tree)
-    score: ScoreFn = tree_score(scored) if scored is not None else (lambda _n, _s: _s["W"])
     group = comparison_group(method)
     needs = (rule.terminals - {"D"}) | {"W", "H"} if rule is not None else scored.terminals | {"W"}
-    if allocation is not None and pattern.structured:
-        raise UserError(f"a layerwise allocation needs unstructured sparsity; {pattern} fixes every layer at "
-                        f"{pattern.n}/{pattern.m}")
+    if allocation is not None:
+        allocation_needs_unstructured(pattern.structured, f"--pattern {pattern}")
     if allocation is not None and set(allocation.counts) != set(prunable_linears(model)):
         raise UserError("the allocation does not name this model's layers; compute it for this model")
     if removed is not None and rule is not None:
         raise ValueError("the OBS update changes the weights it keeps; it cannot be undone from what it removed")
     if "G" in needs and gradients is None:
         raise UserError(f"{'tree ' + str(tree) if tree else method} uses G: gradients are needed")
+    mask_rule = MaskRule(sparsity, pattern, group, None if allocation is None else allocation.counts)
     start = time.perf_counter()
     names = {id(m): n for n, m in model.named_modules()}
     if ("X" in needs and activations is None) or "H" in needs:
@@ -307,8 +268,8 @@ def prune_model(
                                                 x=stats[short].scaler_row, g=_get(gradients, name), scope=obs_scope,
                                                 name=name, nsamples=stats[short].nsamples)
                 else:
-                    s = score(name, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)))
-                    mask = layer_mask(name, s, sparsity, pattern, group, _count(allocation, name))
+                    mask = tree_mask(scored, layer_stats(lin.weight, stats[short].scaler_row, _get(gradients, name)),
+                                     lin.weight.shape, mask_rule, name, mask_rule.count(name))
                     if removed is not None:
                         removed.zero(name, lin.weight.data, mask)
                     else:
@@ -319,7 +280,7 @@ def prune_model(
                        progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
         bar.close()
     else:
-        masks = score_masks(model, score, sparsity, pattern, activations, gradients, group, allocation)
+        masks = score_masks(model, scored, sparsity, pattern, activations, gradients, group, allocation)
         if removed is not None:
             linears = prunable_linears(model)
             for name, mask in masks.items():
@@ -336,15 +297,3 @@ def prune_model(
              method if method != "tree" else f"tree {tree}" + (" + obs" if update == "obs" else ""), pattern, sparsity, report.sparsity_actual, seconds)
     return report
 
-
-def unrankable(scores: torch.Tensor) -> str | None:
-    """Why a 2-D score tensor cannot rank weights (NaN/Inf, or constant in every row), else None.
-
-    Row maxima and minima answer both questions in one cheap pass (amax/amin propagate NaN and
-    show an Inf), where a full isfinite() would cost five times as much on CPU."""
-    high, low = scores.amax(dim=1), scores.amin(dim=1)
-    if not bool(torch.isfinite(high).all() and torch.isfinite(low).all()):
-        return "scores contain NaN or Inf"
-    if bool((high == low).all()):
-        return "scores are constant in every row"
-    return None

@@ -30,6 +30,7 @@ from prunerzero.files import write_with
 from prunerzero.models import model_device, prunable_linears
 from prunerzero.primitives.registry import finite
 from prunerzero.pruning.layerwise import iterate_blocks
+from prunerzero.pruning.obs import inverse_hessian_factor
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +68,34 @@ def compute_gradients(model: nn.Module, windows: torch.Tensor, scale: float = GR
 
 def collect_activation_norms(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """X of every prunable linear layer from the dense model in one pass (the "once per run" mode)."""
+    return collect_dense_statistics(model, windows)[0]
+
+
+def collect_dense_statistics(model: nn.Module, windows: torch.Tensor,
+                             obs_factors: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(X, OBS factors) of every prunable linear layer from the dense model, in one pass.
+
+    ``obs_factors``: also each layer's SparseGPT inverse-Hessian factor (``NAME``) and its dead
+    inputs (``NAME.dead``, uint8), what the OBS update reads (:func:`obs.inverse_hessian_factor`):
+    with ``stats_mode: once`` a run computes them here once and every candidate reuses them."""
     names = {id(m): n for n, m in model.named_modules()}
-    out: dict[str, torch.Tensor] = {}
+    acts: dict[str, torch.Tensor] = {}
+    factors: dict[str, torch.Tensor] = {}
 
     def keep(_i: int, linears: dict, stats: dict) -> bool:
         for short, lin in linears.items():
-            out[names[id(lin)]] = stats[short].scaler_row.clone()
+            name = names[id(lin)]
+            acts[name] = stats[short].scaler_row.clone()
+            if obs_factors:
+                factor, dead = inverse_hessian_factor(stats[short].hessian, name, stats[short].nsamples)
+                factors[name], factors[name + ".dead"] = factor, dead.to(torch.uint8)
         return False
 
-    bar = tqdm(total=None, desc="activations", unit="block")
-    iterate_blocks(model, windows, keep, progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
+    bar = tqdm(total=None, desc="activations" + (" and Hessians" if obs_factors else ""), unit="block")
+    iterate_blocks(model, windows, keep, hessian=obs_factors,
+                   progress=lambda i, n: (setattr(bar, "total", n), bar.update(1)))
     bar.close()
-    return out
+    return acts, factors
 
 
 def cache_key(**parts: object) -> str:

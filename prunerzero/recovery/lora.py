@@ -224,7 +224,7 @@ def finetune_lora(
              settings.batch_size, windows.shape[1], settings.lr)
     losses, seconds = _train(peft_model, trainable, windows, settings, progress)
     log.info("fine-tuned in %.1f s: loss %.4f (first step) -> %.4f (mean of the last %d)",
-             seconds, losses[0], _tail_mean(losses), min(10, len(losses)))
+             seconds, losses[0], tail_mean(losses), min(10, len(losses)))
     return {"peft_model": peft_model, "losses": losses, "seconds": seconds, "steps": settings.steps,
             "tokens": settings.steps * settings.batch_size * windows.shape[1], "trainable_parameters": n_trainable}
 
@@ -257,7 +257,7 @@ def _train(peft_model: nn.Module, params: list[nn.Parameter], windows: torch.Ten
     return losses, time.perf_counter() - start
 
 
-def _tail_mean(values: list[float], n: int = 10) -> float:
+def tail_mean(values: list[float], n: int = 10) -> float:
     tail = values[-n:]
     return sum(tail) / len(tail)
 

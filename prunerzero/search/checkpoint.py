@@ -18,8 +18,9 @@ import yaml
 from prunerzero.errors import UserError
 from prunerzero.files import RUN_CHECKPOINT, RUN_FILES, read_json, write_atomic
 from prunerzero.fitness.base import WORST_FITNESS
+from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
 from prunerzero.primitives.tree import Tree
-from prunerzero.search.engine import SearchState
+from prunerzero.search.state import SearchState
 
 STATE = RUN_CHECKPOINT
 CONFIG = "config.yaml"
@@ -159,14 +160,11 @@ def export_trees(state: SearchState, top: int, label: str = PERPLEXITY) -> dict[
 def reference_fitness(cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The known and shipped metrics a run evaluated, on its own fitness text: what its best is measured
     against. "estimated": only on the low-fidelity budget (scaled), never promoted to the full one."""
-    from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
-    from prunerzero.search.simplify import symbolic_key
-
     named = {name: m.tree for name, m in KNOWN_METRICS.items()}
     named.update({name: Tree.load(path) for name, path in shipped_trees().items()})
     out = {}
     for name, tree in named.items():
-        hit = cache.get(symbolic_key(tree))
+        hit = cache.get(tree.symbolic_key())
         if hit is not None and hit["fitness"] < WORST_FITNESS:
             out[name] = {"tree": str(tree), "fitness": hit["fitness"], "estimated": bool(hit.get("estimated"))}
     return out

@@ -30,10 +30,6 @@ class Simplified:
     constant: bool  # the metric is a constant: it cannot rank weights
 
 
-def symbolic_key(tree: Tree) -> str:
-    """The canonical key of a tree's SymPy form (what the cache uses for every accepted simplification)."""
-    return f"sympy:{sympy.srepr(tree.to_sympy())}"
-
 
 class Simplifier:
     """OOS for one run: its equivalence check, bloat limits and primitive set; results are cached."""
@@ -59,7 +55,7 @@ class Simplifier:
     def _simplify(self, tree: Tree) -> Simplified:
         expr = tree.to_sympy()
         constant = not expr.free_symbols
-        key = f"sympy:{sympy.srepr(expr)}"  # = symbolic_key(tree)
+        key = f"sympy:{sympy.srepr(expr)}"  # = tree.symbolic_key()
         candidate = Tree.from_sympy(expr)
         if candidate == tree:
             return Simplified(tree, key, False, constant)
