@@ -7,6 +7,7 @@ known metrics live in :mod:`prunerzero.primitives.known`; these are the names th
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,20 @@ def choose(value: object, choices: Sequence[str], what: str) -> str:
     close = difflib.get_close_matches(str(value), list(choices), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise UserError(f"{what}: unknown {value!r}; {hint}choose one of {', '.join(choices)}")
+
+
+def one_of(choices: Sequence[str], what: str):
+    """An argparse ``type`` that accepts one of ``choices`` and answers anything else as
+    :func:`choose` does (argparse's own ``choices`` lists them but suggests nothing): one line from
+    argparse, status 2."""
+
+    def parse(value: str) -> str:
+        try:
+            return choose(value, choices, what)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{what}: ")) from None
+
+    return parse
 
 
 def choose_all(values: Sequence[object], choices: Sequence[str], what: str) -> list[str]:

@@ -7,6 +7,13 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
+from prunerzero.cli import main
+from prunerzero.config import config_from_dict
+from prunerzero.errors import UserError
+from prunerzero.evaluation.heldout import known_cell
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "prunerzero"
 MAX_LINES = 450
@@ -95,3 +102,16 @@ def test_known_method_and_baseline_names_are_listed_once():
 def test_no_module_is_longer_than_a_sitting():
     long = {str(p.relative_to(ROOT)): n for p in sources(PACKAGE) if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_a_misspelt_name_gets_the_nearest_one_from_commands_configs_and_cells(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["prune", "--method", "wand", "--model", "x"])
+    assert stop.value.code == 2
+    assert "unknown 'wand'; did you mean 'wanda'?" in capsys.readouterr().err
+    with pytest.raises(UserError, match="heldout.baselines: unknown 'sparsgpt'; did you mean 'sparsegpt'"):
+        config_from_dict({"heldout": {"baselines": ["wanda", "sparsgpt"]}})
+    with pytest.raises(UserError, match="fitness.stats_mode: unknown 'one'; did you mean 'once'"):
+        config_from_dict({"fitness": {"stats_mode": "one"}})
+    with pytest.raises(UserError, match="baseline: unknown 'pruner_zero'; did you mean 'pruner-zero'"):
+        known_cell("pruner_zero")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prunerzero import files
-from prunerzero.choices import CALIBRATED_METHODS, METHODS, OBS_SCOPES, UPDATES, check_allocation
+from prunerzero.choices import CALIBRATED_METHODS, METHODS, OBS_SCOPES, UPDATES, check_allocation, one_of
 from prunerzero.data import check_text
 from prunerzero.errors import UserError
 from prunerzero.models import prunable_linears
@@ -95,7 +95,7 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
-    p.add_argument("--method", choices=METHODS, required=required)
+    p.add_argument("--method", type=one_of(METHODS, "--method"), metavar="{" + ",".join(METHODS) + "}", required=required)
     p.add_argument("--tree", default=None, help="JSON tree file, formula, or packaged name (pruner-zero)")
     p.add_argument("--sparsity", default=None, help="fraction of weights pruned, in (0, 1); N/M for N:M (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, 2:4 or 4:8")
@@ -105,10 +105,11 @@ def add_prune_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA, help=f"OWL range lambda (default {OWL_LAMBDA:g})")
     p.add_argument("--sparsity-range", default="0,0.99", help="LOW,HIGH: every layer's sparsity stays in it (default 0,0.99)")
     p.add_argument("--save-allocation", default=None, help="write the allocation used as JSON (loadable by --allocation)")
-    p.add_argument("--update", choices=UPDATES, default=None,
+    p.add_argument("--update", type=one_of(UPDATES, "--update"), metavar="{" + ",".join(UPDATES) + "}", default=None,
                    help="obs: SparseGPT's weight update, each block's mask picked by --tree (which may read D = "
                         "1/[H^-1]_jj); default: none, or what a shipped tree file records")
-    p.add_argument("--obs-scope", choices=OBS_SCOPES, default="block",
+    p.add_argument("--obs-scope", type=one_of(OBS_SCOPES, "--obs-scope"), metavar="{" + ",".join(OBS_SCOPES) + "}",
+                   default="block",
                    help="with --update obs: rank a block's scores over the whole block (block, as SparseGPT) or per row")
 
 

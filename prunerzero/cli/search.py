@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prunerzero.choices import COMPARED, STATS_MODES
+from prunerzero.choices import COMPARED, STATS_MODES, one_of
 from prunerzero.cli.common import metric_list
 from prunerzero.config import LIMITS, HeldoutSection, load_config
 from prunerzero.config_rules import validate
@@ -168,7 +168,8 @@ def register(sub: Any) -> None:
     p.add_argument("--top", type=int, default=10, help="metrics of the hall of fame to re-score (default 10)")
     p.add_argument("--windows", type=int, default=8, help="unused validation windows (default 8)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, as the test)")
-    p.add_argument("--stats", choices=STATS_MODES, default="sequential",
+    p.add_argument("--stats", type=one_of(STATS_MODES, "--stats"), metavar="{" + ",".join(STATS_MODES) + "}",
+                   default="sequential",
                    help="X from the dense model (once) or block by block on the partly pruned one, as the final "
                         "pruning (sequential, default)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the run's)")
