@@ -79,6 +79,10 @@ class FitnessSection:
     # "obs": each candidate picks the masks inside SparseGPT's weight update (the terminal D exists there)
     update: str = "none"
     obs_scope: str = "block"  # where the rule's scores are ranked inside the update: the block, or each row
+    # Several settings scored at once: [{sparsity, pattern, allocation}, ...]; the fitness is then the
+    # geometric mean of the perplexity ratios to `reference` in each (null: the one setting above).
+    settings: typing.Optional[list] = None
+    reference: str = "wanda"
 
 
 @dataclass
@@ -183,6 +187,8 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list:
+        if where == "fitness.settings":
+            return _settings_entries(value, where)
         if where.endswith(".range"):
             if (not isinstance(value, list) or len(value) != 2
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -217,6 +223,35 @@ def _check_type(value: Any, kind: Any, where: str) -> Any:
     if where in ("seed", "calibration.seed") and isinstance(value, int) and value < 0:
         raise UserError(f"{where} must not be negative, got {value}")
     return value
+
+
+SETTING_KEYS = ("sparsity", "pattern", "allocation")
+
+
+def _settings_entries(value: Any, where: str) -> list[dict[str, Any]]:
+    """``fitness.settings``: a non-empty list of mappings with keys among sparsity, pattern, allocation."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where} must be a non-empty list of {{sparsity, pattern, allocation}} mappings, got "
+                        f"{short_repr(value)}; remove the key to score one setting")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or not entry:
+            raise UserError(f"{where}[{i}] must be a mapping such as {{sparsity: 0.7, allocation: owl}}, got "
+                            f"{short_repr(entry)}")
+        for key in entry:
+            if key not in SETTING_KEYS:
+                close = difflib.get_close_matches(str(key), SETTING_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(SETTING_KEYS)}"
+                raise UserError(f"unknown key {where}[{i}].{key}{hint}")
+        entry = dict(entry)
+        if "sparsity" in entry:
+            entry["sparsity"] = _check_type(entry["sparsity"], float, f"{where}[{i}].sparsity")
+        if "pattern" in entry:
+            entry["pattern"] = _check_type(entry["pattern"], str, f"{where}[{i}].pattern")
+        if entry.get("allocation") is not None:
+            entry["allocation"] = _check_type(entry["allocation"], str, f"{where}[{i}].allocation")
+        out.append(entry)
+    return out
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

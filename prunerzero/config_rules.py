@@ -21,6 +21,7 @@ from prunerzero.choices import (
     STATS_MODES,
     UPDATES,
     allocation_needs_unstructured,
+    check_allocation,
     choose,
     choose_all,
 )
@@ -117,6 +118,7 @@ def validate(cfg: SearchConfig) -> SearchConfig:
     choose_all(s.operators, sorted(OPERATORS), "search.operators")
     choose(s.space, SPACES, "search.space")
     _check_update(cfg)
+    _check_settings(cfg)
     leaves = (TERMINALS + (tuple(OBS_TERMINALS) if f.update == "obs" else ())) if s.space == "metric" else tuple(FEATURES)
     bad = [t for t in s.terminals if t not in leaves]
     if bad or not s.terminals:
@@ -168,6 +170,25 @@ def seed_tree(spec: str, space: str) -> Tree:
         return resolve_tree(spec)
     # a formula only, never a file: the config alone must say what generation 0 holds
     return Tree.parse(spec) if space == "allocation" else metric_only(Tree.parse(spec))
+
+
+def _check_settings(cfg: SearchConfig) -> None:
+    """``fitness.settings``: each a valid (sparsity, pattern, allocation); scored in-process, metrics only."""
+    s, f = cfg.search, cfg.fitness
+    if f.settings is None:
+        return
+    if s.space != "metric" or cfg.evaluator.type != "inprocess":
+        raise UserError("fitness.settings (several settings at once) scores metrics in-process for now: set "
+                        "search.space: metric and evaluator.type: inprocess, or remove fitness.settings")
+    for i, entry in enumerate(f.settings):
+        where = f"fitness.settings[{i}]"
+        pattern = Pattern.parse(entry.get("pattern", "unstructured"))
+        if "sparsity" in entry or not pattern.structured:
+            check_sparsity(entry.get("sparsity", f.sparsity), pattern)
+        check_allocation(entry.get("allocation"), pattern.structured, f"{where}.allocation", files=False)
+    reference = metric_only(resolve_tree(f.reference))
+    if "D" in reference.terminals and f.update != "obs":
+        raise UserError(f"fitness.reference {f.reference} reads D, which exists only inside the OBS update")
 
 
 def _check_update(cfg: SearchConfig) -> None:

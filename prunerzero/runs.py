@@ -22,6 +22,7 @@ from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.fitness.model_fitness import InProcessEvaluator, ModelFitness
 from prunerzero.fitness.multi_fidelity import MultiFidelityEvaluator
+from prunerzero.fitness.multi_setting import MultiSettingEvaluator, settings_for
 from prunerzero.fitness.ray_pool import RayEvaluator, RaySettings
 from prunerzero.fitness.reconstruction import ReconstructionEvaluator
 from prunerzero.models import pick_device
@@ -45,6 +46,9 @@ def fingerprint(cfg: SearchConfig) -> dict[str, Any]:
         fit: dict[str, Any] = {"evaluator": "reconstruction", "sparsity": cfg.fitness.sparsity, "pattern": cfg.fitness.pattern}
     else:
         fit = fitness_settings(cfg, resolve_device=False).fingerprint()
+        if cfg.fitness.settings is not None:  # runs without several settings keep the fingerprint they had
+            fit["settings"] = [dict(sorted(e.items())) for e in cfg.fitness.settings]
+            fit["reference"] = str(resolve_tree(cfg.fitness.reference))
         if cfg.fitness.multi_fidelity is not None:  # estimated fitnesses depend on it
             mf = cfg.fitness.multi_fidelity
             fit["multi_fidelity"] = {"low_windows": mf.low_windows, "promote": mf.promote}
@@ -81,6 +85,9 @@ def model_evaluator(cfg: SearchConfig) -> Evaluator:
             gradients="G" in cfg.search.terminals)
     if cfg.search.space == "allocation":
         return _allocation_evaluator(cfg, cfg.run_dir)
+    if cfg.fitness.settings is not None:
+        return MultiSettingEvaluator(settings_for(fitness_settings(cfg), cfg.fitness.settings), cfg.run_dir,
+                                     resolve_tree(cfg.fitness.reference), gradients="G" in cfg.search.terminals)
     fitness = ModelFitness(fitness_settings(cfg), cfg.run_dir, gradients="G" in cfg.search.terminals)
     return InProcessEvaluator(fitness_settings(cfg), cfg.run_dir, fitness)
 

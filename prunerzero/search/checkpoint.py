@@ -99,12 +99,15 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = 
 
 
 PERPLEXITY = "perplexity on the fitness text (lower is better)"
+RATIOS = "geometric mean of perplexity / the reference's (lower is better; 1 = the reference)"
 RECONSTRUCTION = "relative output reconstruction error of one random linear layer (lower is better; not a perplexity)"
 
 
 def fitness_label(fingerprint: dict[str, Any]) -> str:
     """What a run's fitness is, read from its checkpoint's fingerprint."""
     fitness = fingerprint.get("fitness") if isinstance(fingerprint, dict) else None
+    if isinstance(fitness, dict) and fitness.get("settings"):
+        return f"{RATIOS} over {len(fitness['settings'])} settings, reference {fitness.get('reference')}"
     return RECONSTRUCTION if isinstance(fitness, dict) and fitness.get("evaluator") == "reconstruction" else PERPLEXITY
 
 
