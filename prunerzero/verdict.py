@@ -102,6 +102,10 @@ def format_verdict(v: dict[str, Any], writing: tuple[str, ...] = ()) -> list[str
     if lead not in refs:
         head = (f"verdict: Wanda was not measured in this run (search.seed_known_metrics is off), so the run cannot say "
                 f"whether its best beat it; compare with prunerzero rescore {run} --baselines wanda")
+    elif beats[lead] and v.get("best_is_known"):  # a seeded known metric is the best: nothing was discovered
+        passed = [name(n) for n in refs if beats.get(n)]
+        head = (f"verdict: the best is a known {'rule' if v.get('obs') else 'metric'}, {name(v['best_is_known'])}, past "
+                f"{', '.join(passed)} on its fitness text; nothing bred has beaten it yet; {resume}.")
     elif beats[lead]:
         passed = [name(n) for n in refs if beats.get(n)]
         head = f"verdict: the search found a {'rule' if v.get('obs') else 'metric'} past {', '.join(passed)} on its fitness text."

@@ -51,3 +51,21 @@ def test_a_run_past_wanda_names_the_metric_the_margins_and_the_outputs(tmp_path,
     page = (run / "report.html").read_text()
     assert page.index('class="verdict found"') < page.index("<h2>Best metrics</h2>")
     assert "found a metric past wanda" in page
+
+
+def test_an_update_aware_run_is_judged_against_sparsegpt_and_names_a_known_best(tmp_path):
+    refs = {"sparsegpt": {"formula": "sqr(mul(W, D))", "fitness": 45.674, "estimated": False},
+            "ria": {"formula": "mul(add(coln(W), rown(W)), sqrt(sqrt(X)))", "fitness": 40.821, "estimated": False}}
+    v = {"run": str(tmp_path), "best": {"formula": refs["ria"]["formula"], "fitness": 40.821, "generation": 0},
+         "references": refs, "beats": {"sparsegpt": True, "ria": False}, "obs": True, "lead": "sparsegpt",
+         "best_is_known": "ria", "export": str(tmp_path / "export.json"), "report": str(tmp_path / "report.html"),
+         "heldout": None}
+    lines = format_verdict(v)
+    assert lines[0].startswith("verdict: the best is a known rule, ria + obs, past sparsegpt on its fitness text; "
+                               "nothing bred has beaten it yet")
+    assert "sparsegpt 45.6740 (-10.63%)" in lines[2] and "ria + obs 40.8210 (+0.00%)" in lines[2]
+    bred = {**v, "best": {**v["best"], "formula": "mul(W, D)", "fitness": 40.0}, "best_is_known": None,
+            "beats": {"sparsegpt": True, "ria": True}}
+    assert format_verdict(bred)[0] == "verdict: the search found a rule past sparsegpt, ria + obs on its fitness text."
+    behind = {**v, "best": {**v["best"], "fitness": 46.0}, "best_is_known": None, "beats": {"sparsegpt": False}}
+    assert format_verdict(behind)[0].startswith("verdict: no rule beat SparseGPT in this run")
