@@ -30,7 +30,6 @@ from prunerzero.pruning.equivalence import same_masks
 from prunerzero.pruning.masks import Pattern
 
 
-
 def setting_label(s: FitnessSettings) -> str:
     alloc = f", {s.allocation}" if s.allocation else ""
     return f"{s.sparsity:g} {s.pattern}{alloc}"
