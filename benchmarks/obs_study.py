@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import spearmanr
+
 from prunerzero.config import load_config
 from prunerzero.files import write_json
 from prunerzero.fitness.model_fitness import ModelFitness
@@ -46,20 +48,6 @@ RULES = (
     "mul(rown(W), D)", "mul(W, sqrt(D))", "add(mul(W, D), G)", "mul(sqr(mul(W, D)), mms(G))",
     "div(mul(W, D), sqrt(X))", "mul(coln(W), D)", "mul(W, mul(D, sqrt(X)))",
 )
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
 
 
 def main() -> None:
@@ -111,7 +99,8 @@ def main() -> None:
             write_json(args.out, out)
     out["median_seconds"] = {k: statistics.median(v) for k, v in out["seconds"].items() if v}
     if all(f"obs/{m}" in out["fitness"] for m in ("once", "sequential")):
-        out["spearman_once_vs_sequential"] = spearman(out["fitness"]["obs/once"], out["fitness"]["obs/sequential"])
+        rho = spearmanr(out["fitness"]["obs/once"], out["fitness"]["obs/sequential"]).statistic
+        out["spearman_once_vs_sequential"] = float(rho)
     write_json(args.out, out)
     for k, v in out["median_seconds"].items():
         print(f"{k:16s} median {v:6.2f} s per candidate ({v / out['floor_forward_seconds']:.1f}x the forward floor)")
