@@ -66,7 +66,8 @@ def main() -> None:
     model, tokenizer, source = load_model(base.model, base.device)
     rules = [Tree.parse(r) for r in RULES[: args.rules]]
     modes = args.modes.split(",")
-    out: dict[str, Any] = {"config": args.config, "model": base.model, "sparsity": base.sparsity, "pattern": base.pattern,
+    out: dict[str, Any] = {"config": args.config, "model": base.model, "sparsity": base.sparsity,
+                           "pattern": base.pattern,
                            "fitness_tokens": f"{base.windows} x {base.seqlen}", "calibration": base.calibration.key(),
                            "rules": [str(r) for r in rules], "fitness": {}, "seconds": {}, "setup_seconds": {}}
 
