@@ -92,31 +92,33 @@ def obs_update(weight: torch.Tensor, factor: torch.Tensor, dead: torch.Tensor, s
     rule = MaskRule(sparsity, pattern, "tensor" if scope == "block" else "row")
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # The block is held transposed (column i of the layer = row i, contiguous) and each column
+        # costs its error and one rank-1 correction of the block's later columns. After column i's
+        # own correction a kept weight is exactly what it was (its error is 0) and a pruned one is
+        # set to 0 below, so the block ends as the reference's Q without building Q. Every float op
+        # is the reference's, in its order (an FMA such as addcmul_ would round differently), so the
+        # weights are bit-identical to the published loop, 1.5x faster (benchmarks/obs_update.py).
+        W1 = W[:, i1:i2].t().contiguous()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         if pattern.structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            mask1 = tree_mask(tree, block_stats(tree, W1, d1, x, g, slice(i1, i2)), W1.shape, rule,
-                              f"{name}, input columns {i1}-{i2 - 1}")
+            mask1 = tree_mask(tree, block_stats(tree, W1.t(), d1, x, g, slice(i1, i2)), (W1.shape[1], W1.shape[0]),
+                              rule, f"{name}, input columns {i1}-{i2 - 1}").t().contiguous()
         for i in range(i2 - i1):
-            w = W1[:, i]
-            d = Hinv1[i, i]
             if pattern.structured and i % pattern.m == 0:
                 j = min(i + pattern.m, i2 - i1)
-                mask1[:, i:j] = tree_mask(tree, block_stats(tree, W1[:, i:j], d1[i:j], x, g, slice(i1 + i, i1 + j)),
-                                          W1[:, i:j].shape, rule, f"{name}, input columns {i1 + i}-{i1 + j - 1}")
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                group = W1[i:j].t()
+                mask1[i:j] = tree_mask(tree, block_stats(tree, group, d1[i:j], x, g, slice(i1 + i, i1 + j)),
+                                       group.shape, rule, f"{name}, input columns {i1 + i}-{i1 + j - 1}").t()
+            err = Err1[i]
+            torch.mul(W1[i], mask1[i], out=err).div_(Hinv1[i, i])
+            W1[i:] -= torch.outer(Hinv1[i, i:], err)
+        W1.masked_fill_(mask1, 0)
+        W[:, i1:i2] = W1.t()
+        W[:, i2:] -= Err1.t().contiguous() @ Hinv[i1:i2, i2:]
     return W.to(weight.dtype)
 
 
