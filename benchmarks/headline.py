@@ -31,7 +31,7 @@ from prunerzero.choices import BASELINE_NAMES
 from prunerzero.errors import UserError
 from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
 from prunerzero.models import pick_device
-from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees
+from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees, tree_update
 from prunerzero.primitives.tree import Tree
 
 COLUMNS = (("50%", "unstructured", 0.5, None), ("50% (first 32)", "unstructured", 0.5, 32),
@@ -40,8 +40,12 @@ COLUMNS = (("50%", "unstructured", 0.5, None), ("50% (first 32)", "unstructured"
 C4_COLUMNS = (("50%", "unstructured", 0.5, 32), ("2:4", "2:4", 0.5, 32))
 SEEDS = (0, 1, 2)
 # Layerwise allocation (first 32 test windows): uniform (the plain cells above), OWL, and the
-# allocations prunerzero searched (results/allocations/NAME.json, copied from RUN/allocation.json).
-ALLOCATION_METRICS = ("wanda", "ria", "wanda-squared-plus-w-g")
+# allocations prunerzero searched (results/allocations/NAME.json, copied from RUN/allocation.json);
+# SparseGPT and every shipped rule found inside the weight update get these rows too.
+ALLOCATION_METRICS = ("wanda", "ria", "wanda-squared-plus-w-g", "sparsegpt")
+# Wanda's ranking inside SparseGPT's weight update (the ablation in the Wanda code): what the update
+# alone gives a known metric, beside the rules searched inside it.
+UPDATE_BASELINES = (("wanda + obs", KNOWN_METRICS["wanda"].formula),)
 ALLOCATION_COLUMNS = (("60%", 0.6), ("70%", 0.7))
 SEARCHED_ALLOCATIONS = Path(__file__).resolve().parent.parent / "results" / "allocations"
 
@@ -49,6 +53,13 @@ SEARCHED_ALLOCATIONS = Path(__file__).resolve().parent.parent / "results" / "all
 def discovered() -> list[tuple[str, str]]:
     """(name, formula) of every metric shipped in prunerzero/trees/."""
     return [(name, str(Tree.load(path))) for name, path in shipped_trees().items()]
+
+
+def updates() -> dict[str, str]:
+    """Row -> the weight update its cells prune with: ``obs`` for the rules shipped from a search
+    inside the update and for UPDATE_BASELINES, ``none`` for the rest."""
+    found = {name: tree_update(name) for name in shipped_trees()}
+    return {**found, **{name: "obs" for name, _ in UPDATE_BASELINES}}
 
 
 def found_unstructured() -> set[str]:
@@ -60,12 +71,13 @@ def found_unstructured() -> set[str]:
 def cell_for(row: str, formula: str | None, pattern: str, sparsity: float, **kw) -> Cell:
     if formula is None:
         return known_cell(row, pattern=pattern, sparsity=sparsity, **kw)
-    return Cell(label=row, method="tree", tree=formula, pattern=pattern, sparsity=sparsity, **kw)
+    return Cell(label=row, method="tree", tree=formula, pattern=pattern, sparsity=sparsity,
+                update=updates().get(row, "none"), **kw)
 
 
 def grid() -> dict[str, list[tuple[str, str, Cell]]]:
     """Tables -> (row, column, cell)."""
-    rows = [(b, None) for b in BASELINE_NAMES] + discovered()
+    rows = [(b, None) for b in BASELINE_NAMES] + list(UPDATE_BASELINES) + discovered()
     tables: dict[str, list[tuple[str, str, Cell]]] = {"wikitext2": [], "c4": [], "seeds": []}
     for row, formula in rows:
         for col, pattern, sparsity, windows in COLUMNS:
@@ -77,7 +89,7 @@ def grid() -> dict[str, list[tuple[str, str, Cell]]]:
                 continue
             tables["c4"].append((row, col, cell_for(row, formula, pattern, sparsity, windows=windows,
                                                     text="c4:validation")))
-        if row in ("wanda", "ria") or row in found_unstructured():
+        if row in ("wanda", "ria") or (row in found_unstructured() and updates().get(row) != "obs"):
             # the spread of the 50% column: the baselines and the metrics searched for that pattern
             for seed in SEEDS:
                 tables["seeds"].append((row, f"seed {seed}", cell_for(row, formula, "unstructured", 0.5, windows=32,
@@ -99,7 +111,8 @@ def searched_allocations() -> dict[float, list[Path]]:
 def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Cell]]:
     searched = searched_allocations()
     cells = []
-    for metric in ALLOCATION_METRICS:
+    found_inside_update = [name for name, update in updates().items() if update == "obs" and name in shipped_trees()]
+    for metric in (*ALLOCATION_METRICS, *found_inside_update):
         if metric not in formulas:
             continue
         for col, sparsity in ALLOCATION_COLUMNS:

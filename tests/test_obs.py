@@ -129,3 +129,35 @@ def test_a_tree_file_that_records_its_update_is_pruned_with_it(model_and_data, t
     capsys.readouterr()
     assert main(base + ["--method", "tree", "--tree", str(tmp_path / "rule.json")]) == 2
     assert "records update 'sgd'" in capsys.readouterr().err
+
+
+def test_an_obs_search_exports_a_file_that_prunes_with_its_update(model_and_data, tmp_path, capsys):
+    """search (update obs) -> export -> prune --tree export.json: the update travels in the file."""
+    import json
+
+    import yaml
+
+    model, data = model_and_data
+    cfg = tmp_path / "obs.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "o", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": model, "device": "cpu"},
+        "calibration": {"nsamples": 4, "seqlen": 64, "data_dir": data},
+        "fitness": {"seqlen": 64, "windows": 2, "update": "obs"},
+        "search": {"population": 6, "generations": 1, "terminals": ["W", "X", "D"], "seed_known_metrics": True},
+        "evaluator": {"type": "inprocess"}}))
+    assert main(["search", "--config", str(cfg), "--no-heldout"]) == 0
+    assert list((tmp_path / "runs" / "o").glob("obs-factors-*.safetensors"))  # the factors cached in the run
+    assert main(["export", str(tmp_path / "runs" / "o"), "--out", str(tmp_path / "e.json")]) == 0
+    exported = json.loads((tmp_path / "e.json").read_text())
+    assert exported["update"] == "obs"
+    best = exported["trees"][0]["formula"]
+    base = ["prune", "--model", model, "--data-dir", data, "--nsamples", "4", "--seqlen", "64", "--no-eval",
+            "--method", "tree"]
+    assert main(base + ["--tree", str(tmp_path / "e.json"), "--save-model", str(tmp_path / "f")]) == 0
+    assert main(base + ["--tree", best, "--update", "obs", "--save-model", str(tmp_path / "u")]) == 0
+    assert main(base + ["--tree", best, "--save-model", str(tmp_path / "n")]) == (2 if "D" in best else 0)
+    f, u = load_file(tmp_path / "f" / "model.safetensors"), load_file(tmp_path / "u" / "model.safetensors")
+    assert all(torch.equal(f[k], u[k]) for k in u)
+    if "D" not in best:  # without the update the same rule gives other weights
+        n = load_file(tmp_path / "n" / "model.safetensors")
+        assert not all(torch.equal(f[k], n[k]) for k in n)
