@@ -42,7 +42,7 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
     if rescored is not None and rescored.get("run") != cfg.name:
         raise UserError(f"{rescore} is the re-score of run {rescored.get('run')!r}, not of {cfg.name!r}")
     if rank is None:
-        picked = best_rescored(rescored) if rescored is not None else None
+        picked = best_rescored(rescored, skip=known_keys()) if rescored is not None else None
         if rescored is not None and picked is None:
             raise UserError(f"{rescore} has no re-scored tree yet; finish prunerzero rescore {run} first")
         rank = picked[1]["rank"] if picked else 1
@@ -50,33 +50,50 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
     if len(trees) < rank:
         raise UserError(f"{run} has {len(trees)} evaluated metrics, fewer than rank {rank}")
     best = trees[rank - 1]
-    validation = _rescore_block(rescored, best["formula"], rescore, even_if_it_loses) if rescored else None
-    commit = code or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     f = cfg.fitness
+    reference = "sparsegpt" if f.update == "obs" else "wanda"  # what a rule inside the update must beat
+    validation = (_rescore_block(rescored, best["formula"], rescore, even_if_it_loses, reference)
+                  if rescored else None)
+    commit = code or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # a rule found inside the weight update is pruned with it: prune --tree NAME reads these keys
+    update = {"update": f.update, "obs_scope": f.obs_scope} if f.update != "none" else {}
     return {
         "name": name,
         "description": description,
+        **update,
         "found_by": {"config": config, "seed": cfg.seed, "generation": best["generation"],
                      "code": f"commit {commit}" if commit else "unknown", "pattern": f.pattern,
                      "sparsity": f.sparsity,
                      "fitness_text": f"{f.text} {f.split}, {f.windows} x {f.seqlen} tokens",
-                     "record": record},
+                     "record": record, **update},
         "reference_fitness": {k: v for k, v in ckpt.reference_fitness(state.cache).items() if k != name},
         **({"validation_rescore": validation} if validation else {}),
         "trees": [{**best, "rank": 1}],
     }
 
 
-def _rescore_block(record: dict[str, Any], formula: str, path: Path, even_if_it_loses: bool) -> dict[str, Any]:
-    """The chosen tree's re-score beside the baselines'; a tree that loses to Wanda there is refused."""
+NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def known_keys() -> set[str]:
+    """The known metrics' symbolic keys: a re-score picks the best *bred* tree, not a seeded one."""
+    return {m.tree.symbolic_key() for m in KNOWN_METRICS.values()}
+
+
+def _rescore_block(record: dict[str, Any], formula: str, path: Path, even_if_it_loses: bool,
+                   reference: str = "wanda") -> dict[str, Any]:
+    """The chosen tree's re-score beside the baselines'; a tree that loses to ``reference`` there
+    (Wanda; SparseGPT for a rule inside the weight update) is refused."""
     mine = record["trees"].get(formula)
     if mine is None or mine["perplexity"] is None:
         raise UserError(f"{path} has no re-scored perplexity for {formula}; re-score it (prunerzero rescore --top N)")
     baselines = {v["name"]: v["perplexity"] for v in record["baselines"].values()}
-    wanda = baselines.get("wanda")
-    if wanda is not None and mine["perplexity"] >= wanda and not even_if_it_loses:
-        raise UserError(f"{formula} does not beat Wanda on the re-score ({mine['perplexity']:.3f} against {wanda:.3f}); "
-                        "ship nothing, or pass --even-if-it-loses")
+    theirs = baselines.get(reference)
+    if theirs is None:
+        raise UserError(f"{path} has no re-score of {reference}; re-score with --baselines {reference},...")
+    if mine["perplexity"] >= theirs and not even_if_it_loses:
+        raise UserError(f"{formula} does not beat {NAMES[reference]} on the re-score ({mine['perplexity']:.3f} against "
+                        f"{theirs:.3f}); ship nothing, or pass --even-if-it-loses")
     return {"perplexity": mine["perplexity"], "baselines": baselines, "record": str(path),
             **{k: record[k] for k in ("text", "windows", "seqlen", "stats_mode", "calibration")}}
 

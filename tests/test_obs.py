@@ -161,3 +161,28 @@ def test_an_obs_search_exports_a_file_that_prunes_with_its_update(model_and_data
     if "D" not in best:  # without the update the same rule gives other weights
         n = load_file(tmp_path / "n" / "model.safetensors")
         assert not all(torch.equal(f[k], n[k]) for k in n)
+    # shipping it: the file records the update, and a rule inside the update must beat SparseGPT's own
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sparsegpt = str(SPARSEGPT_TREE)
+    rescore = tmp_path / "rescore.json"
+
+    def ship(name, ppl, *extra):
+        rescore.write_text(json.dumps({
+            "run": "o", "text": "wikitext2:validation", "windows": 2, "seqlen": 64, "stats_mode": "sequential",
+            "calibration": {"nsamples": 4, "seqlen": 64}, "baselines": {sparsegpt: {"name": "sparsegpt", "perplexity": 50.0}},
+            "trees": {best: {"rank": 1, "fitness": exported["trees"][0]["fitness"], "perplexity": ppl}}}))
+        return subprocess.run([sys.executable, str(root / "benchmarks" / "ship_metric.py"), str(tmp_path / "runs" / "o"),
+                               "--config", str(cfg), "--description", "d", "--out-dir", str(tmp_path / "trees"),
+                               "--name", name, "--rescore", str(rescore), "--rank", "1", *extra],
+                              capture_output=True, text=True, cwd=root)
+
+    refused = ship("loses", 51.0)
+    assert refused.returncode == 2 and "does not beat SparseGPT" in refused.stderr, refused.stderr
+    done = ship("wins", 49.0)
+    assert done.returncode == 0, done.stderr
+    shipped = json.loads((tmp_path / "trees" / "wins.json").read_text())
+    assert shipped["update"] == "obs" and shipped["found_by"]["update"] == "obs"

@@ -33,6 +33,11 @@ def test_each_shipped_metric_says_how_it_was_found_and_beat_wanda_on_its_fitness
     # the reason it ships: on the text the search scored with, it prunes better than Wanda
     wanda = data["reference_fitness"]["wanda"]
     assert not wanda["estimated"] and best["fitness"] < wanda["fitness"]
+    if data.get("update") == "obs":  # found inside the weight update: it also beat SparseGPT's own rule there
+        assert data["found_by"]["update"] == "obs" and config["fitness"]["update"] == "obs"
+        sparsegpt = data["reference_fitness"]["sparsegpt"]
+        assert not sparsegpt["estimated"] and best["fitness"] < sparsegpt["fitness"]
+        assert data["validation_rescore"]["perplexity"] < data["validation_rescore"]["baselines"]["sparsegpt"]
     # and the search's record agrees with the file
     record = json.loads((ROOT / found["record"]).read_text())
     assert any(r.get("tree", r.get("formula")) == best["formula"] and r["fitness"] == best["fitness"]

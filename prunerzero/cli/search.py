@@ -93,10 +93,12 @@ def cmd_heldout(args: argparse.Namespace) -> None:
 
 
 def cmd_rescore(args: argparse.Namespace) -> None:
+    cfg = run_config(Path(args.run))
+    # a rule inside the weight update is compared with SparseGPT's own rule first
+    default = ("sparsegpt", *COMPARED) if cfg.fitness.update == "obs" else COMPARED
     settings = RescoreSettings(top=args.top, windows=args.windows, seqlen=args.seqlen, stats_mode=args.stats,
                                nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
-                               baselines=metric_list(args.baselines))
-    cfg = run_config(Path(args.run))
+                               baselines=metric_list(args.baselines) if args.baselines else default)
     print(format_rescore(rescore_run(Path(args.run), cfg, settings)))
 
 
@@ -174,8 +176,9 @@ def register(sub: Any) -> None:
                         "pruning (sequential, default)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the run's)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the run's)")
-    p.add_argument("--baselines", default=",".join(COMPARED),
-                   help="comma separated known or shipped metric names or formulas (default %(default)s)")
+    p.add_argument("--baselines", default=None,
+                   help=f"comma separated known or shipped metric names or formulas (default {','.join(COMPARED)}; "
+                        "runs with the weight update: sparsegpt first)")
     p.set_defaults(func=cmd_rescore)
 
     p = sub.add_parser("export", help="write the best trees of a run in the Pruner-Zero JSON format")

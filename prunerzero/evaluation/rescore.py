@@ -181,7 +181,9 @@ def format_rescore(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def best_rescored(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The tree with the lowest re-scored perplexity, or None if none was measured."""
-    measured = [(f, r) for f, r in record["trees"].items() if r["perplexity"] is not None]
+def best_rescored(record: dict[str, Any], skip: set[str] = frozenset()) -> tuple[str, dict[str, Any]] | None:
+    """The tree with the lowest re-scored perplexity, or None if none was measured; trees whose
+    symbolic key is in ``skip`` (the known metrics, when shipping a bred one) are passed over."""
+    measured = [(f, r) for f, r in record["trees"].items()
+                if r["perplexity"] is not None and Tree.parse(f).symbolic_key() not in skip]
     return min(measured, key=lambda fr: fr[1]["perplexity"]) if measured else None
