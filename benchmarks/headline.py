@@ -19,6 +19,7 @@ wanda, ria and the discovered metrics (first 32 test windows).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ def discovered() -> list[tuple[str, str]]:
     return [(name, str(Tree.load(path))) for name, path in shipped_trees().items()]
 
 
+@functools.cache  # read the shipped files once, not once per cell
 def updates() -> dict[str, str]:
     """Row -> the weight update its cells prune with: ``obs`` for the rules shipped from a search
     inside the update and for UPDATE_BASELINES, ``none`` for the rest."""
