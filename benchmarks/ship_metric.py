@@ -44,7 +44,8 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
     if rank is None:
         picked = best_rescored(rescored, skip=known_keys()) if rescored is not None else None
         if rescored is not None and picked is None:
-            raise UserError(f"{rescore} has no re-scored tree yet; finish prunerzero rescore {run} first")
+            raise UserError(f"{rescore} has no re-scored tree yet that is not a known metric; finish prunerzero "
+                            f"rescore {run} first (or --top N for more of its trees)")
         rank = picked[1]["rank"] if picked else 1
     trees = ckpt.export_trees(state, rank)["trees"]
     if len(trees) < rank:
