@@ -15,6 +15,8 @@ Writes ``--out`` (JSON) after each rule, so a stopped run keeps what it measured
 per measurement. The run folder (``--run-dir``) keeps X, G and the factors for a second run.
 
     python benchmarks/obs_study.py --rules 20 --out results/obs/study-50.json
+    python benchmarks/obs_study.py --config configs/discover-obs-2of4.yaml --rule "sqr(mul(W, D))" \
+        --rule "mul(W, sqrt(X))" --out results/obs/study-2of4.json
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/discover-obs-50.yaml")
     p.add_argument("--rules", type=int, default=len(RULES), help=f"how many of the {len(RULES)} rules (in order)")
+    p.add_argument("--rule", action="append", default=None, metavar="FORMULA",
+                   help="a rule to measure instead of the built-in list (repeat the flag for more)")
     p.add_argument("--modes", default="once,sequential", help="obs statistics modes to measure")
     p.add_argument("--run-dir", default="runs/obs-study", help="where X, G and the OBS factors are kept")
     p.add_argument("--out", required=True, help="JSON record (written after every rule)")
@@ -64,7 +68,7 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, source = load_model(base.model, base.device)
-    rules = [Tree.parse(r) for r in RULES[: args.rules]]
+    rules = [Tree.parse(r) for r in (args.rule or RULES[: args.rules])]
     modes = args.modes.split(",")
     out: dict[str, Any] = {"config": args.config, "model": base.model, "sparsity": base.sparsity,
                            "pattern": base.pattern,
