@@ -26,7 +26,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from prunerzero.choices import BASELINE_NAMES
 from prunerzero.errors import UserError
@@ -244,6 +244,14 @@ def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: li
     plt.close(fig)
 
 
+def row_colors(rows: Sequence[str]) -> dict[str, Any]:
+    """A colour per row, the same in both figures; 20 before any repeats (the default cycle has 10)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
+    return {r: palette[i % len(palette)] for i, r in enumerate(rows)}
+
+
 PLOT_TEXTS = {"wikitext2": ("WikiText-2 test perplexity", COLUMNS, ""),
               "c4": ("C4 validation perplexity", C4_COLUMNS, "-c4")}
 
@@ -261,11 +269,11 @@ def plot(tables: dict, runner: CellRunner, path: Path) -> None:
             continue
         # dense does not depend on the column: one line, from its widest measurement
         dense = [(value[(c, "dense")], f"dense {value[(c, 'dense')]:.2f} ({c})") for c in cols if (c, "dense") in value][:1]
-        kind = "metrics alone and SparseGPT (which also updates the weights it keeps)" if "sparsegpt" in rows \
-            else "metrics without weight updates"
+        kind = ("metrics alone, SparseGPT, and rules inside its weight update (rows named obs)" if "sparsegpt" in rows
+                else "metrics without weight updates")
         bar_chart(value, cols, rows, path.with_name(path.stem + suffix + path.suffix),
                   f"SmolLM2-135M, {kind}; lower is better", log_scale=True, digits=1, hlines=dense, ylabel=ylabel,
-                  colors={r: f"C{i}" for i, r in enumerate(every_row)})  # a row keeps its colour in both figures
+                  colors=row_colors(every_row))
 
 
 def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
