@@ -71,13 +71,17 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
     monkeypatch.setattr(ModelFitness, "evaluate", lambda self, tree, budget=None: measured.append(str(tree)) or
                         pytest.fail("measured twice"))
     assert main(args) == 0 and measured == []
+    # Wanda spelt another way (W is positive in the keys) is the same function: not measured again
+    assert main(args[:-1] + ["wanda,magnitude,mul(W, sqrt(X))"]) == 0 and measured == []
     monkeypatch.undo()
     # a formula's own commas do not split it
     assert main(args[:-1] + ["wanda,magnitude,mul(W, X)"]) == 0
     baselines = json.loads(path.read_text())["baselines"]
-    assert len(baselines) == 3 and {v["name"] for v in baselines.values()} >= {"wanda", "magnitude"}
+    assert len(baselines) == 4 and {v["name"] for v in baselines.values()} >= {"wanda", "magnitude"}
+    spelt = baselines["mul(W, sqrt(X))"]
+    assert spelt["perplexity"] == baselines[KNOWN_METRICS["wanda"].formula]["perplexity"]
     # the record names the one command that measures all it holds, quoted for a shell
-    assert json.loads(path.read_text())["command"].endswith("--baselines 'wanda,magnitude,mul(W, X)'") and len(list(path.parent.glob("*.json"))) == 1
+    assert json.loads(path.read_text())["command"].endswith("--baselines 'wanda,magnitude,mul(W, sqrt(X)),mul(W, X)'") and len(list(path.parent.glob("*.json"))) == 1
     # other windows or statistics are another record
     assert main(args + ["--stats", "once"]) == 0 and len(list(path.parent.glob("*.json"))) == 2
     # sequential statistics under another calibration: the dense model's X is never collected for it

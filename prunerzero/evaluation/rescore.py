@@ -80,6 +80,17 @@ class RescoreSettings:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _measured_twin(record: dict[str, Any], formula: str) -> dict[str, Any] | None:
+    """An entry of the record already measured for the same function as ``formula``, in either group:
+    ``mul(W, sqrt(X))`` among the top trees is Wanda's ``mul(abs(W), sqrt(X))`` (W > 0 in the keys)."""
+    key = Tree.parse(formula).symbolic_key()
+    for entries in (record["trees"], record["baselines"]):
+        for other, entry in entries.items():
+            if other == formula or Tree.parse(other).symbolic_key() == key:
+                return entry
+    return None
+
+
 def rescore_path(run_dir: Path, settings: RescoreSettings) -> Path:
     return Path(run_dir) / RESCORE_DIR / f"{settings.key()}.json"
 
@@ -132,8 +143,8 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
             [c.draw() for c in [*run_fit.calibrations(), calib]], calib.data_dir, len(run_fit.calibrations()))
         for i, (formula, group, info) in enumerate(todo, 1):
             start = time.perf_counter()
-            twin = record["trees" if group == "baselines" else "baselines"].get(formula)
-            if twin is not None:  # a baseline among the top trees is measured once
+            twin = _measured_twin(record, formula)
+            if twin is not None:  # the same function (a baseline among the top trees, another spelling): once
                 entry = {**info, **{k: twin[k] for k in ("perplexity", "seconds", "reason") if k in twin}}
             else:
                 result = fitness.evaluate(Tree.parse(formula))
