@@ -15,6 +15,7 @@ a stopped re-score resumes where it was and measures nothing twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -83,12 +84,17 @@ class RescoreSettings:
 def _measured_twin(record: dict[str, Any], formula: str) -> dict[str, Any] | None:
     """An entry of the record already measured for the same function as ``formula``, in either group:
     ``mul(W, sqrt(X))`` among the top trees is Wanda's ``mul(abs(W), sqrt(X))`` (W > 0 in the keys)."""
-    key = Tree.parse(formula).symbolic_key()
+    key = _symbolic_key(formula)
     for entries in (record["trees"], record["baselines"]):
         for other, entry in entries.items():
-            if other == formula or Tree.parse(other).symbolic_key() == key:
+            if other == formula or _symbolic_key(other) == key:
                 return entry
     return None
+
+
+@functools.lru_cache(maxsize=256)  # SymPy simplification: once per formula, not once per comparison
+def _symbolic_key(formula: str) -> str:
+    return Tree.parse(formula).symbolic_key()
 
 
 def rescore_path(run_dir: Path, settings: RescoreSettings) -> Path:
