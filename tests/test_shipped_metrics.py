@@ -30,10 +30,13 @@ def test_each_shipped_metric_says_how_it_was_found_and_beat_wanda_on_its_fitness
     best = data["trees"][0]
     tree = Tree.load(path)
     assert str(tree) == best["formula"] and str(resolve_tree(name)) == best["formula"]
-    # the reason it ships: on the text the search scored with, it prunes better than Wanda
-    wanda = data["reference_fitness"]["wanda"]
-    assert not wanda["estimated"] and best["fitness"] < wanda["fitness"]
-    if data.get("update") == "obs":  # found inside the weight update: it also beat SparseGPT's own rule there
+    # the reason it ships: on the text the search scored with, it prunes better than Wanda; a rule
+    # found inside the weight update is measured against SparseGPT's own rule there instead (as
+    # ship_metric.py chooses), on the fitness text and on the validation re-score
+    if data.get("update") != "obs":
+        wanda = data["reference_fitness"]["wanda"]
+        assert not wanda["estimated"] and best["fitness"] < wanda["fitness"]
+    else:
         assert data["found_by"]["update"] == "obs" and config["fitness"]["update"] == "obs"
         sparsegpt = data["reference_fitness"]["sparsegpt"]
         assert not sparsegpt["estimated"] and best["fitness"] < sparsegpt["fitness"]
