@@ -106,3 +106,15 @@ def test_rescore_refuses_bad_input_with_one_clear_line(small_run, capsys, extra,
 def test_rescore_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["rescore", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_a_resumed_search_reranks_the_recorded_trees():
+    """After a resume the hall of fame ranks anew: the record follows it, and a tree no longer
+    ranked keeps its measurement, marked (the command to re-measure it would else name stale ranks)."""
+    record = {"trees": {"mul(W, X)": {"rank": 1, "fitness": 10.0, "perplexity": 9.0},
+                        "W": {"rank": 2, "fitness": 11.0, "perplexity": 12.0}}}
+    ranked = [{"rank": 1, "formula": "add(W, X)", "fitness": 8.0}, {"rank": 2, "formula": "mul(W, X)", "fitness": 10.0}]
+    assert rescore.rerank(record, ranked)
+    assert record["trees"]["mul(W, X)"] == {"rank": 2, "fitness": 10.0, "perplexity": 9.0}
+    assert record["trees"]["W"]["unranked"] is True and record["trees"]["W"]["perplexity"] == 12.0
+    assert not rescore.rerank(record, ranked)  # nothing new: nothing to write

@@ -130,6 +130,8 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
         "avoids": {"fitness": {"windows": run_fit.windows, "seqlen": run_fit.seqlen},
                    "calibrations": [c.key() for c in [*run_fit.calibrations(), calib]]},
         "command": settings.command(cfg.name), "trees": {}, "baselines": {}}
+    if rerank(record, best_trees(state, max(len(state.cache), settings.top))):
+        write_json(path, record)
     # baselines first: a re-score stopped early still compares what it measured with them
     wanted = [(str(resolve_tree(name)), "baselines", {"name": name}) for name in settings.baselines]
     wanted += [(r["formula"], "trees", {"rank": r["rank"], "fitness": r["fitness"], "generation": r["generation"]})
@@ -164,6 +166,22 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
             log.info("[%d/%d] %s %s: %s (%.0f s)", i, len(todo), group[:-1], info.get("name") or f"#{info['rank']}",
                      "cannot rank" if entry["perplexity"] is None else f"{entry['perplexity']:.3f}", entry["seconds"])
     return record
+
+
+def rerank(record: dict[str, Any], ranked: list[dict[str, Any]]) -> bool:
+    """Give the recorded trees their current rank and fitness in the run (a resumed search ranks its
+    trees anew: the record's ranks would else be those of the call that measured each). A tree no
+    longer ranked at all keeps its old entry, marked. True when anything changed."""
+    now = {r["formula"]: r for r in ranked}
+    changed = False
+    for formula, entry in record["trees"].items():
+        current = now.get(formula)
+        update = ({"rank": current["rank"], "fitness": current["fitness"]} if current is not None
+                  else {"unranked": True})
+        if any(entry.get(k) != v for k, v in update.items()):
+            entry.update(update)
+            changed = True
+    return changed
 
 
 def _command_for(record: dict[str, Any], settings: RescoreSettings, run: str) -> str:
