@@ -178,6 +178,8 @@ def rerank(record: dict[str, Any], ranked: list[dict[str, Any]]) -> bool:
         current = now.get(formula)
         update = ({"rank": current["rank"], "fitness": current["fitness"]} if current is not None
                   else {"unranked": True})
+        if current is not None and entry.pop("unranked", None) is not None:
+            changed = True  # ranked again after a later resume
         if any(entry.get(k) != v for k, v in update.items()):
             entry.update(update)
             changed = True
