@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -66,6 +67,12 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
     assert {v["name"] for v in record["baselines"].values()} == {"wanda", "magnitude"}
     assert record["baselines"][KNOWN_METRICS["wanda"].formula]["perplexity"] > 1
     assert record["stats_mode"] == "sequential" and record["seqlen"] == 48
+    # every measured entry keeps its windows' losses: the perplexity is their mean, exponentiated,
+    # and the table compares each with the first baseline window by window
+    for entry in [*record["trees"].values(), *record["baselines"].values()]:
+        assert len(entry["window_losses"]) == 2
+        assert entry["perplexity"] == pytest.approx(math.exp(sum(entry["window_losses"]) / 2), rel=1e-9)
+    assert "paired vs wanda" in out and "±" in out
     # a second call measures nothing again; one more baseline extends the same record
     measured = []
     monkeypatch.setattr(ModelFitness, "evaluate", lambda self, tree, budget=None: measured.append(str(tree)) or
@@ -118,3 +125,31 @@ def test_a_resumed_search_reranks_the_recorded_trees():
     assert record["trees"]["mul(W, X)"] == {"rank": 2, "fitness": 10.0, "perplexity": 9.0}
     assert record["trees"]["W"]["unranked"] is True and record["trees"]["W"]["perplexity"] == 12.0
     assert not rescore.rerank(record, ranked)  # nothing new: nothing to write
+
+
+def test_paired_change_is_the_perplexity_ratio_with_the_spread_of_the_windows():
+    ref = [3.0, 3.2, 2.8, 3.1]
+    # the same shift on every window: the exact ratio of perplexities and no spread
+    change, error = rescore.paired_change([x - 0.02 for x in ref], ref)
+    assert change == pytest.approx(math.exp(-0.02) - 1, rel=1e-12) and error == pytest.approx(0, abs=1e-12)
+    ppl = lambda losses: math.exp(sum(losses) / len(losses))
+    tree = [3.05, 3.1, 2.9, 3.0]
+    change, error = rescore.paired_change(tree, ref)
+    assert change == pytest.approx(ppl(tree) / ppl(ref) - 1, rel=1e-12)
+    d = [a - b for a, b in zip(tree, ref)]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    assert error == pytest.approx(math.exp(mean) * sd / 2, rel=1e-12)
+    # windows that do not pair (another count, one window, none recorded) give no comparison
+    assert rescore.paired_change(tree[:3], ref) is None
+    assert rescore.paired_change(tree[:1], ref[:1]) is None
+    record = {"run": "r", "windows": 4, "seqlen": 8, "text": "t", "stats_mode": "sequential",
+              "calibration": {"nsamples": 1, "seqlen": 8},
+              "baselines": {"sqr(mul(W, D))": {"name": "sparsegpt", "perplexity": ppl(ref), "window_losses": ref}},
+              "trees": {"mul(W, X)": {"rank": 1, "fitness": 1.0, "perplexity": ppl(tree), "window_losses": tree},
+                        "W": {"rank": 2, "fitness": 2.0, "perplexity": 30.0}}}
+    lines = rescore.format_rescore(record).splitlines()
+    (row,) = [line for line in lines if line.endswith("mul(W, X)")]
+    assert f"{100 * change:+.2f}±{100 * error:.2f}%" in row
+    (old,) = [line for line in lines if line.endswith("  W")]
+    assert "±" not in old  # a record from before the losses were kept: no paired cell

@@ -19,11 +19,15 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from prunerzero.choices import COMPARED, STATS_MODES, choose
 from prunerzero.data import unused_tokens
@@ -153,13 +157,16 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
             start = time.perf_counter()
             twin = _measured_twin(record, formula)
             if twin is not None:  # the same function (a baseline among the top trees, another spelling): once
-                entry = {**info, **{k: twin[k] for k in ("perplexity", "seconds", "reason") if k in twin}}
+                entry = {**info, **{k: twin[k] for k in ("perplexity", "seconds", "reason", "window_losses")
+                                    if k in twin}}
             else:
                 result = fitness.evaluate(Tree.parse(formula))
                 entry = {**info, "perplexity": result.fitness if result.reason is None else None,
                          "seconds": round(time.perf_counter() - start, 1)}
                 if result.reason is not None:
                     entry["reason"] = result.reason
+                elif result.window_losses is not None:  # for the paired comparison (format_rescore)
+                    entry["window_losses"] = list(result.window_losses)
             record[group][formula] = entry
             record["command"] = _command_for(record, settings, cfg.name)
             write_json(path, record)
@@ -198,23 +205,50 @@ def _load(path: Path) -> dict[str, Any] | None:
     return read_json(path, "re-score record") if path.is_file() else None
 
 
+def paired_change(losses: Sequence[float], reference: Sequence[float]) -> tuple[float, float] | None:
+    """The perplexity change against a reference measured on the same windows, and its standard
+    error from the spread of the per-window differences: (change, error) as fractions, or None
+    without two windows in common. Perplexity is exp(mean loss), so the change is exactly
+    exp(mean(d)) - 1 over the per-window loss differences d; the error is the delta method's. It
+    says how far the windows alone could move a gap (not how far another calibration could)."""
+    if len(losses) != len(reference) or len(losses) < 2:
+        return None
+    d = np.asarray(losses, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    ratio = float(np.exp(d.mean()))
+    return ratio - 1.0, ratio * float(d.std(ddof=1)) / math.sqrt(len(d))
+
+
+def _paired_cell(entry: dict[str, Any], reference: dict[str, Any] | None) -> str:
+    got = None if reference is None else paired_change(entry.get("window_losses") or (),
+                                                       reference.get("window_losses") or ())
+    return f"{'-':>20}" if got is None else f"{100 * got[0]:+.2f}±{100 * got[1]:.2f}%".rjust(20)
+
+
 def format_rescore(record: dict[str, Any]) -> str:
-    """The re-score as a table: each tree's search fitness and re-scored perplexity, and the change
-    against each baseline's re-scored perplexity."""
+    """The re-score as a table: each tree's search fitness and re-scored perplexity, the change
+    against each baseline's re-scored perplexity, and against the first baseline window by window
+    (paired: the change with its standard error over the windows, when the record has the
+    per-window losses)."""
     base = {v["name"]: v["perplexity"] for v in record["baselines"].values() if v["perplexity"] is not None}
+    first = next(iter(record["baselines"].values()), None)
+    paired_head = f"{'paired vs ' + first['name']:>20}  " if first is not None else ""
     lines = [f"re-score of {record['run']}: {record['windows']} x {record['seqlen']} unused {record['text']} tokens, "
              f"{record['stats_mode']} statistics, calibration {record['calibration']['nsamples']} x "
              f"{record['calibration']['seqlen']}",
-             f"{'rank':>4}  {'fitness':>9}  {'re-score':>9}  " + "  ".join(f"{'vs ' + n:>14}" for n in base) + "  formula"]
-    for name, ppl in base.items():
-        lines.append(f"{'':>4}  {'':>9}  {ppl:>9.3f}  " + "  ".join(f"{'':>14}" for _ in base) + f"  {name}")
+             f"{'rank':>4}  {'fitness':>9}  {'re-score':>9}  " + "  ".join(f"{'vs ' + n:>14}" for n in base)
+             + f"  {paired_head}formula"]
+    paired = (lambda entry: _paired_cell(entry, first) + "  ") if first is not None else (lambda entry: "")
+    for b in record["baselines"].values():
+        if b["perplexity"] is not None:
+            lines.append(f"{'':>4}  {'':>9}  {b['perplexity']:>9.3f}  " + "  ".join(f"{'':>14}" for _ in base)
+                         + f"  {paired(b) if b is not first else ' ' * 22}{b['name']}")
     for formula, r in sorted(record["trees"].items(), key=lambda kv: kv[1]["rank"]):
         ppl = r["perplexity"]
         if ppl is None:
             lines.append(f"{r['rank']:>4}  {r['fitness']:>9.3f}  {'-':>9}  {r.get('reason', '')}  {formula}")
             continue
         gaps = "  ".join(f"{100 * (ppl / b - 1):>+13.2f}%" for b in base.values())
-        lines.append(f"{r['rank']:>4}  {r['fitness']:>9.3f}  {ppl:>9.3f}  {gaps}  {formula}")
+        lines.append(f"{r['rank']:>4}  {r['fitness']:>9.3f}  {ppl:>9.3f}  {gaps}  {paired(r)}{formula}")
     return "\n".join(lines)
 
 

@@ -50,6 +50,7 @@ class FitnessResult:
     budget: int | None = None  # fidelity units (token windows) used; None = the full budget
     low_fitness: float | None = None  # multi-fidelity: the fitness on the low budget
     estimated: bool | None = None  # multi-fidelity: not promoted; fitness extrapolated from the low budget
+    window_losses: tuple[float, ...] | None = None  # mean loss of each fitness window, when measured here
 
     @classmethod
     def worst(cls, reason: str, seconds: float = 0.0) -> "FitnessResult":

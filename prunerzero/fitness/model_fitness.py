@@ -181,6 +181,11 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def perplexity_of(losses: Sequence[float]) -> float:
+    """The perplexity of windows with these mean losses (the protocol: the mean loss, exponentiated)."""
+    return float(np.exp(np.mean(losses)))
+
+
 class ModelFitness:
     """One model, its statistics and fitness tokens; evaluates trees one at a time."""
 
@@ -245,12 +250,15 @@ class ModelFitness:
             raise UserError(f"fitness budget {budget} windows is outside 1..{self.settings.windows} (fitness.windows)")
         return budget
 
+    def forward_losses(self, budget: int | None = None) -> tuple[float, ...]:
+        """Mean loss of each of the first ``budget`` fitness windows (all if None), the model as it is."""
+        windows = self._budget(budget) or self.settings.windows
+        return tuple(window_losses(self.model, self.tokens, self.settings.seqlen, windows, progress=False,
+                                   windows_per_forward=max(1, FORWARD_TOKENS // self.settings.seqlen)))
+
     def forward_loss(self, budget: int | None = None) -> float:
         """Perplexity of the model as it is on the first ``budget`` fitness windows (all if None)."""
-        windows = self._budget(budget) or self.settings.windows
-        losses = window_losses(self.model, self.tokens, self.settings.seqlen, windows, progress=False,
-                               windows_per_forward=max(1, FORWARD_TOKENS // self.settings.seqlen))
-        return float(np.exp(np.mean(losses)))
+        return perplexity_of(self.forward_losses(budget))
 
     def evaluate(self, tree: Tree, budget: int | None = None) -> FitnessResult:
         start = time.perf_counter()
@@ -268,7 +276,8 @@ class ModelFitness:
         if known is not None:
             return FitnessResult(known, mask_key=key, seconds=t_mask - start, cached="mask", budget=budget)
         with masked_weights(self.model, masks) as applied:
-            ppl = self.forward_loss(budget)
+            losses = self.forward_losses(budget)
+        ppl = perplexity_of(losses)
         t_end = time.perf_counter()
         if not np.isfinite(ppl):
             return FitnessResult.measured(ppl, mask_key=key, seconds=t_end - start)
@@ -277,19 +286,21 @@ class ModelFitness:
         # the pass without the time its hooks spent swapping masked weights in and out.
         timings = {"score_mask": t_mask - start, "apply_restore": applied.seconds,
                    "forward": t_end - t_mask - applied.seconds}
-        return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings, budget=budget)
+        return FitnessResult(ppl, mask_key=key, seconds=t_end - start, timings=timings, budget=budget,
+                             window_losses=losses)
 
     def _evaluate_sequential(self, tree: Tree, start: float, budget: int | None) -> FitnessResult:
         removed = Removed()  # the zeroed values only: never a second copy of the model
         try:
             prune_model(self.model, "tree", self.settings.sparsity, self.pattern, windows=self.calib_windows,
                         tree=tree, gradients=self.gradients, removed=removed, allocation=self.allocation)
-            ppl = self.forward_loss(budget)
+            losses = self.forward_losses(budget)
         except UnrankableLayer as e:
             return FitnessResult.worst(str(e), time.perf_counter() - start)
         finally:
             removed.restore(self.model)
-        return FitnessResult.measured(ppl, seconds=time.perf_counter() - start, budget=budget)
+        return FitnessResult.measured(perplexity_of(losses), seconds=time.perf_counter() - start, budget=budget,
+                                      window_losses=losses)
 
     def _evaluate_obs(self, tree: Tree, start: float, budget: int | None) -> FitnessResult:
         """The tree inside SparseGPT's update: reconstructed layers swapped in, the dense ones back after."""
@@ -311,12 +322,14 @@ class ModelFitness:
             known = self.known_masks.get(mask_cache_key(key, budget))
             if known is not None:
                 return FitnessResult(known, mask_key=key, seconds=t_update - start, cached="mask", budget=budget)
-            ppl = self.forward_loss(budget)
+            losses = self.forward_losses(budget)
+        ppl = perplexity_of(losses)
         t_end = time.perf_counter()
         if np.isfinite(ppl):
             self.known_masks[mask_cache_key(key, budget)] = ppl
         return FitnessResult.measured(ppl, mask_key=key, seconds=t_end - start, budget=budget,
-                                      timings={"update": t_update - start, "forward": t_end - t_update})
+                                      timings={"update": t_update - start, "forward": t_end - t_update},
+                                      window_losses=losses)
 
     def _allocation(self) -> Allocation | None:
         """The run's layerwise allocation, from the dense model's statistics (fixed for the run)."""
