@@ -22,7 +22,7 @@ from typing import Any
 
 from prunerzero.config_rules import check_run_name
 from prunerzero.errors import UserError
-from prunerzero.evaluation.rescore import best_rescored
+from prunerzero.evaluation.rescore import best_rescored, paired_change
 from prunerzero.files import read_json, write_json
 from prunerzero.primitives.known import KNOWN_METRICS, SHIPPED_TREES
 from prunerzero.runfolder import run_config
@@ -95,7 +95,11 @@ def _rescore_block(record: dict[str, Any], formula: str, path: Path, even_if_it_
     if mine["perplexity"] >= theirs and not even_if_it_loses:
         raise UserError(f"{formula} does not beat {NAMES[reference]} on the re-score ({mine['perplexity']:.3f} against "
                         f"{theirs:.3f}); ship nothing, or pass --even-if-it-loses")
-    return {"perplexity": mine["perplexity"], "baselines": baselines, "record": str(path),
+    ref_entry = next(v for v in record["baselines"].values() if v["name"] == reference)
+    paired = paired_change(mine.get("window_losses") or (), ref_entry.get("window_losses") or ())
+    # the gap to the reference with the spread of the windows behind it (records that keep them)
+    versus = {f"paired_vs_{reference}": {"change": paired[0], "standard_error": paired[1]}} if paired else {}
+    return {"perplexity": mine["perplexity"], "baselines": baselines, "record": str(path), **versus,
             **{k: record[k] for k in ("text", "windows", "seqlen", "stats_mode", "calibration")}}
 
 
@@ -135,6 +139,10 @@ def main() -> int:
         v = data["validation_rescore"]
         print(f"re-score ({v['windows']} x {v['seqlen']} unused validation tokens): {v['perplexity']:.3f}; "
               + ", ".join(f"{k} {b:.3f}" for k, b in v["baselines"].items() if b is not None))
+        for key, gap in v.items():
+            if key.startswith("paired_vs_"):
+                print(f"  paired over the windows, vs {key[len('paired_vs_'):]}: {100 * gap['change']:+.2f}% "
+                      f"(standard error {100 * gap['standard_error']:.2f}%)")
     return 0
 
 

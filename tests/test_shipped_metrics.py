@@ -1,6 +1,7 @@
 """The metrics prunerzero ships (prunerzero/trees/) and the script that ships them."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,13 @@ def test_ship_metric_with_a_rescore_ships_the_best_rescored_and_refuses_one_that
     assert not (tmp_path / "trees" / "loses.json").exists()
     kept = ship("loses", "--rescore", str(record(101.0, 102.0)), "--even-if-it-loses")
     assert kept.returncode == 0 and json.loads((tmp_path / "trees" / "loses.json").read_text())["trees"][0]["rank"] == 1
+    # a re-score that kept each window's loss: the file carries the paired gap and its standard error
+    path = record(99.0, 95.0)
+    rec = json.loads(path.read_text())
+    rec["baselines"][wanda]["window_losses"] = [4.6, 4.7]
+    rec["trees"][second["formula"]]["window_losses"] = [4.55, 4.67]
+    path.write_text(json.dumps(rec))
+    done = ship("paired", "--rescore", str(path))
+    assert done.returncode == 0 and "paired over the windows, vs wanda" in done.stdout, done.stderr
+    gap = json.loads((tmp_path / "trees" / "paired.json").read_text())["validation_rescore"]["paired_vs_wanda"]
+    assert gap["change"] == pytest.approx(math.exp(-0.04) - 1) and gap["standard_error"] > 0
