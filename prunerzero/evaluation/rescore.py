@@ -22,8 +22,8 @@ import logging
 import math
 import shlex
 import time
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
