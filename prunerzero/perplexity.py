@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,11 @@ log = logging.getLogger(__name__)
 def window_count(n_tokens: int, seqlen: int, max_windows: int | None = None) -> int:
     n = n_tokens // seqlen
     return n if max_windows is None else min(n, max_windows)
+
+
+def perplexity_of(losses: Sequence[float]) -> float:
+    """The perplexity of windows with these mean losses (the protocol: the mean loss, exponentiated)."""
+    return float(np.exp(np.mean(losses)))
 
 
 @torch.no_grad()

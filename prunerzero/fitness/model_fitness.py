@@ -31,7 +31,7 @@ from prunerzero.fitness.base import Evaluator, FitnessResult, mask_cache_key, wi
 from prunerzero.fitness.obs_fitness import obs_layers, run_obs_factors, swapped_weights, zero_pattern
 from prunerzero.memory import keep_freed_memory
 from prunerzero.models import load_model, prunable_linears, resolve_model
-from prunerzero.perplexity import window_losses
+from prunerzero.perplexity import perplexity_of, window_losses
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, Allocation, exact_counts, owl_for_model
 from prunerzero.pruning.calibration import Calibration, gradients_for
@@ -179,11 +179,6 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def perplexity_of(losses: Sequence[float]) -> float:
-    """The perplexity of windows with these mean losses (the protocol: the mean loss, exponentiated)."""
-    return float(np.exp(np.mean(losses)))
 
 
 class ModelFitness:
