@@ -295,7 +295,8 @@ def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/headline", help="folder of the cell records")
-    parser.add_argument("--only", default=None, help="measure only cells whose id (table/row/column) matches this regex")
+    parser.add_argument("--only", default=None, help="measure (or, with --list, list) only cells whose id "
+                                                       "(table/row/column) matches this regex")
     parser.add_argument("--list", action="store_true", help="list the cells and whether each is measured")
     parser.add_argument("--table", action="store_true", help="print the tables from the records (no measuring)")
     parser.add_argument("--plot", default="results/headline.png")
@@ -312,9 +313,11 @@ def main() -> int:
         parser.error(str(err))
     runner = CellRunner(Path(args.out), data_dir=args.data_dir, device=device)
     tables = grid()
-    if args.list:
+    if args.list:  # with --only: the cells that regex would measure, to check it before a long run
         for name, cells in tables.items():
             for r, c, cell in cells:
+                if args.only is not None and not re.search(args.only, cell_id(name, r, c)):
+                    continue
                 rec = runner.done(cell)
                 print(f"{'done' if rec else 'todo'}  {cell_id(name, r, c):40s}  {cell.key()}"
                       + (f"  ppl {rec['ppl']:.3f}" if rec and rec.get("ppl") else ""))
