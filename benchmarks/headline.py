@@ -276,6 +276,19 @@ def plot(tables: dict, runner: CellRunner, path: Path) -> None:
                   colors=row_colors(every_row))
 
 
+def wrap_name(name: str, width: int = 18) -> str:
+    """A long metric name over lines broken after its hyphens, so neighbouring tick labels stay apart."""
+    lines, line = [], ""
+    for part in name.split("-"):
+        piece = part if not line else f"-{part}"
+        if line and len(line) + len(piece) > width:
+            lines.append(line + "-")
+            line = part
+        else:
+            line += piece
+    return "\n".join(lines + [line])
+
+
 def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
     """Bars of the measured allocation cells: a group per metric and sparsity, a bar per allocation.
     A linear axis: bars this far apart within one decade read truer than on a log axis."""
@@ -284,7 +297,7 @@ def plot_allocation(tables: dict, runner: CellRunner, path: Path) -> None:
         rec = runner.done(cell)
         if rec and rec.get("ppl"):
             metric, kind = row.split(" + ", 1)
-            value[(f"{metric}\n{col}", kind)] = rec["ppl"]
+            value[(f"{wrap_name(metric)}\n{col}", kind)] = rec["ppl"]
     groups = list(dict.fromkeys(g for g, _ in value))
     if groups:
         bar_chart(value, groups, list(dict.fromkeys(k for _, k in value)), path,
