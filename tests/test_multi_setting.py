@@ -32,7 +32,8 @@ def test_the_fitness_is_the_geometric_mean_of_the_ratios_measured_one_by_one(tmp
         (0.5, "unstructured", None), (0.5, "2:4", None), (0.7, "unstructured", "owl")]
     wanda = KNOWN_METRICS["wanda"].tree
     ev = MultiSettingEvaluator(settings, tmp_path / "multi", wanda, model=model, tokenizer=tokenizer, source=SRC)
-    trees = [Tree.parse("mul(sqr(W), X)"), Tree.parse("W"), wanda]
+    # Not sqr(W) * X: it is (|W| sqrt(X))^2, Wanda's own ranking, so its masks (and ratio 1) are Wanda's
+    trees = [Tree.parse("mul(W, X)"), Tree.parse("W"), wanda]
     got = [r.fitness for r in ev.evaluate(trees)]
     for tree, value in zip(trees, got):
         logs = []
