@@ -129,9 +129,10 @@ def run_search(cfg: SearchConfig, resume: bool = False, force: bool = False, gen
 
 
 def _made_by_a_start(name: str) -> bool:
-    """Files a search writes into its folder before its first checkpoint (a start that failed early)."""
+    """Files a search writes into its folder before its first checkpoint (a start that failed or was stopped
+    early): a new start in that folder reuses the statistics files whose names match its calibration."""
     return (name in RUN_START_FILES or name.startswith(".")
-            or (name.endswith(".safetensors") and name.startswith(("activations-", "gradients-"))))
+            or (name.endswith(".safetensors") and name.startswith(("activations-", "gradients-", "obs-factors-"))))
 
 
 def check_run_folder(run_dir: Path, resume: bool) -> None:

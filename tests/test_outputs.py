@@ -143,6 +143,21 @@ def test_a_search_never_writes_into_a_folder_that_is_not_a_run(tmp_path, capsys)
     assert (tmp_path / "runs" / "plain").read_text() == "a file"
 
 
+
+def test_a_start_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path):
+    """Statistics a stopped start computed (X, G, the OBS factors) stay and are reused; anything else blocks."""
+    from prunerzero.errors import UserError
+    from prunerzero.runs import check_run_folder
+    run = tmp_path / "runs" / "stopped"
+    run.mkdir(parents=True)
+    for name in ("config.yaml", "environment.json", "activations-0a.safetensors", "gradients-1b.safetensors",
+                 "obs-factors-2c.safetensors"):
+        (run / name).write_bytes(b"x")
+    check_run_folder(run, resume=False)
+    (run / "factors.safetensors").write_bytes(b"mine")
+    with pytest.raises(UserError, match="factors.safetensors"):
+        check_run_folder(run, resume=False)
+
 # 2. OS errors are one line, and leave no temporary file -------------------------------------------
 
 @pytest.mark.parametrize("code,status,word", [(errno.ENOSPC, 1, "no space left"), (errno.EACCES, 2, "permission denied"),
