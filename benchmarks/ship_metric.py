@@ -16,6 +16,7 @@ not beat Wanda on the re-score is refused unless ``--even-if-it-loses``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ def shipped_metric(run: Path, name: str, description: str, config: str, record: 
         "found_by": {"config": config, "seed": cfg.seed, "generation": best["generation"],
                      "code": f"commit {commit}" if commit else "unknown", "pattern": f.pattern,
                      "sparsity": f.sparsity,
+                     # a rule searched with a layerwise allocation was ranked under it
+                     **({"allocation": dataclasses.asdict(f.allocation)} if f.allocation is not None else {}),
+                     "calibration": f"{cfg.calibration.source} {cfg.calibration.split}, "
+                                    f"{cfg.calibration.nsamples} x {cfg.calibration.seqlen} tokens",
                      "fitness_text": f"{f.text} {f.split}, {f.windows} x {f.seqlen} tokens",
                      "record": record, **update},
         "reference_fitness": {k: v for k, v in ckpt.reference_fitness(state.cache).items() if k != name},
