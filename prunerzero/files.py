@@ -35,6 +35,9 @@ RUN_FILES = (RUN_CHECKPOINT, "config.yaml", "log.jsonl", "hall_of_fame.json", "f
              "sweep.json", "sweep.png", "report.html", "export.json", "pareto.json")
 # What a folder may hold and still be a new run's folder: a start that failed before its first checkpoint.
 RUN_START_FILES = ("config.yaml", "environment.json", "search.lock")
+# Statistics a start computes before its first checkpoint (X, G: pruning/stats.py and fitness/model_fitness.py;
+# the inverse-Hessian factors: fitness/obs_fitness.py), named PREFIX<key>.safetensors; a new start reuses them.
+RUN_STATS_PREFIXES = ("activations-", "gradients-", "obs-factors-")
 
 
 def is_run_folder(folder: str | Path) -> bool:

@@ -17,7 +17,7 @@ from prunerzero.evaluation.heldout import (
     known_cell,
     summary,
 )
-from prunerzero.files import RUN_START_FILES, is_run_folder, load_yaml, read_json, write_json
+from prunerzero.files import RUN_START_FILES, RUN_STATS_PREFIXES, is_run_folder, load_yaml, read_json, write_json
 from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.fitness.base import Evaluator, mask_cache_key
 from prunerzero.fitness.model_fitness import InProcessEvaluator, ModelFitness
@@ -132,7 +132,7 @@ def _made_by_a_start(name: str) -> bool:
     """Files a search writes into its folder before its first checkpoint (a start that failed or was stopped
     early): a new start in that folder reuses the statistics files whose names match its calibration."""
     return (name in RUN_START_FILES or name.startswith(".")
-            or (name.endswith(".safetensors") and name.startswith(("activations-", "gradients-", "obs-factors-"))))
+            or (name.endswith(".safetensors") and name.startswith(RUN_STATS_PREFIXES)))
 
 
 def check_run_folder(run_dir: Path, resume: bool) -> None:
