@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -217,7 +218,8 @@ def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(groups) + 3.2), 4.6))
+    fig_width = max(6.0, 2.0 * len(groups) + 3.2)
+    fig, ax = plt.subplots(figsize=(fig_width, 4.6))
     width = 0.8 / max(1, len(series))
     for i, name in enumerate(series):
         xs = [j + i * width for j, g in enumerate(groups) if (g, name) in value]
@@ -235,7 +237,8 @@ def bar_chart(value: dict[tuple[str, str], float], groups: list[str], series: li
     else:
         ax.set_ylim(bottom=0)
     ax.set_ylabel(ylabel + (" (log scale)" if log_scale else ""))
-    ax.set_title(title, fontsize=9)
+    # a narrow figure (two groups) cuts a long one-line title: wrap it to about 11 characters an inch
+    ax.set_title(textwrap.fill(title, width=int(fig_width * 11)), fontsize=9)
     ax.legend(fontsize=7, ncol=3 if log_scale else 2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
