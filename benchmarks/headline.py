@@ -125,10 +125,13 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
                 # relative to the working folder (the repository root): records name no machine path
                 data = json.loads(path.read_text())
                 run = data.get("run", path.stem)
+                own = str(Tree.parse(formulas[metric] or KNOWN_METRICS[metric].formula)) == data.get("metric")
                 if data.get("function_from") == "given":  # not the run's best: named, and with its own metric only
-                    if str(Tree.parse(formulas[metric] or KNOWN_METRICS[metric].formula)) != data["metric"]:
+                    if not own:
                         continue
                     run = f"{run}: {data['function']}"
+                if data.get("update", "none") == "obs" and not (own or metric == "sparsegpt"):
+                    continue  # searched for one rule inside the update: that rule, and SparseGPT beside it
                 choices.append((f"searched ({run})", os.path.relpath(path)))
             for name, allocation in choices:
                 cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,
@@ -147,8 +150,9 @@ def markdown(tables: dict, runner: CellRunner) -> str:
              "c4": "C4 validation perplexity (first 32 windows of 2048 tokens)",
              "seeds": "50% unstructured, WikiText-2 test (first 32 windows), calibration seeds 0, 1, 2",
              "allocation": ("Layerwise allocation, unstructured, WikiText-2 test (first 32 windows of 2048): uniform, "
-                            "OWL (M 5, lambda 0.08) and the allocation functions prunerzero searched (with wanda fixed, at 70%; "
-                            "at 60% the same function, applied with prunerzero allocate)")}
+                            "OWL (M 5, lambda 0.08) and the allocation functions prunerzero searched at 70% (each with one "
+                            "metric fixed: wanda, or a rule inside the update, shown with that rule and SparseGPT; at 60% "
+                            "the same function, applied with prunerzero allocate)")}
     for name, cells in tables.items():
         cols = list(dict.fromkeys(c for _, c, _ in cells))
         rows = list(dict.fromkeys(r for r, _, _ in cells))

@@ -27,7 +27,7 @@ from prunerzero.choices import (
 )
 from prunerzero.data import check_text
 from prunerzero.errors import UserError, short_repr
-from prunerzero.primitives.known import KNOWN_METRICS, metric_only, resolve_tree, shipped_trees
+from prunerzero.primitives.known import KNOWN_METRICS, metric_only, resolve_tree, shipped_trees, tree_update
 from prunerzero.primitives.registry import FEATURES, OBS_TERMINALS, OPERATORS, TERMINALS, constant_name
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.masks import Pattern, check_sparsity
@@ -192,17 +192,14 @@ def _check_settings(cfg: SearchConfig) -> None:
 
 
 def _check_update(cfg: SearchConfig) -> None:
-    """``fitness.update: obs`` (the rule inside SparseGPT's update): a model metric search only; its
-    D terminal exists only there."""
+    """``fitness.update: obs`` (the rule inside SparseGPT's update): a metric search evolves that rule, an
+    allocation search prunes its fixed metric with it; the D terminal exists only there."""
     s, f = cfg.search, cfg.fitness
     choose(f.update, UPDATES, "fitness.update")
     choose(f.obs_scope, OBS_SCOPES, "fitness.obs_scope")
     if s.space == "metric" and "D" in s.terminals and f.update != "obs":
         raise UserError("search.terminals has D (1 / [H^-1]_jj), which exists only inside the OBS update: set "
                         "fitness.update: obs, or drop D")
-    if f.update == "obs" and s.space != "metric":
-        raise UserError("fitness.update: obs searches the rule inside the weight update (search.space: metric); an "
-                        "allocation search prunes with its fixed metric: remove fitness.update")
     if f.update == "obs" and cfg.evaluator.type == "reconstruction":
         raise UserError("fitness.update: obs needs a model evaluator (inprocess or ray), not reconstruction")
 
@@ -250,6 +247,15 @@ def _check_allocation_search(cfg: SearchConfig) -> None:
     if cfg.heldout is not None:
         raise UserError("the heldout section is for metric searches; measure an allocation run's result with "
                         "prunerzero prune --allocation runs/NAME/allocation.json (remove heldout)")
-    if "D" in metric_only(resolve_tree(s.metric)).terminals:
-        raise UserError(f"search.metric {s.metric} reads D (1 / [H^-1]_jj), which exists only inside the OBS update; "
-                        "an allocation search prunes its metric without it: choose a metric of W, G and X")
+    metric = metric_only(resolve_tree(s.metric))
+    if "D" in metric.terminals and f.update != "obs":
+        raise UserError(f"search.metric {s.metric} reads D (1 / [H^-1]_jj), which exists only inside the OBS update: "
+                        "set fitness.update: obs, or choose a metric of W, G and X")
+    if "D" in metric.terminals and f.stats_mode != "once":
+        # the features score the dense model with the metric, and D comes from the run's stored factors
+        raise UserError(f"search.metric {s.metric} reads D, which the allocation features take from the dense "
+                        "model's OBS factors (fitness.stats_mode: once); set stats_mode: once, or choose a metric "
+                        "without D")
+    if tree_update(s.metric) == "obs" and f.update != "obs":
+        raise UserError(f"search.metric {s.metric} is a rule inside the OBS update (its file records update: obs): "
+                        "set fitness.update: obs to prune with it as it was found")

@@ -158,6 +158,9 @@ def test_the_fitness_of_a_searched_allocation_is_that_of_its_counts(tmp_path):
     ({"search": {"operators": ["add", "rown"]}}, "rows or columns"),
     ({"search": {"metric": "mul(B, W)"}}, "allocation function, not a metric"),
     ({"search": {"metric": "mul(D, W)"}}, "only inside the OBS update"),
+    ({"search": {"metric": "sparsegpt"}, "fitness": {"update": "obs", "stats_mode": "sequential"}},
+     "stats_mode: once"),
+    ({"search": {"metric": "root4-w-minus-x-colnormed-obs-2of4"}}, "records update: obs"),
     ({"search": {"metric": "no-such-metric"}}, "not a known metric"),
     ({"fitness": {"allocation": None}}, "needs fitness.allocation"),
     ({"fitness": {"allocation": {"method": "owl"}}}, "choose one of searched"),
@@ -204,3 +207,31 @@ def test_an_allocation_search_in_sequential_mode(tmp_path):
     once = ModelFitness(dataclasses.replace(fitness_settings(cfg), stats_mode="once"), tmp_path / "runs" / "alloc")
     once.allocation = fit.allocation
     assert once.evaluate(WANDA).fitness != owl["fitness"]  # the two procedures prune differently
+
+
+def test_an_allocation_search_inside_the_obs_update(tmp_path):
+    """``fitness.update: obs``: the fixed metric is a rule inside SparseGPT's update (here SparseGPT
+    itself, reading D); features score the dense model with D from the run's factors, and an
+    allocation's fitness is that of the reconstructed model with its per-layer counts."""
+    model = str(tiny_model_folder(tmp_path / "m"))
+    data = str(local_data(tmp_path / "d"))
+    raw = allocation_config(tmp_path / "runs", model, data, 1).to_dict()
+    raw["fitness"]["update"] = "obs"
+    raw["search"].update(population=4, metric="sparsegpt")
+    cfg = config_from_dict(raw)
+    state = run_search(cfg)
+    run = tmp_path / "runs" / "alloc"
+    fit = ModelFitness(fitness_settings(cfg), run)
+    sparsegpt = resolve_tree("sparsegpt")
+    ev = AllocationEvaluator(fit, sparsegpt, 0.1, 5.0, (0.3, 0.95))
+    name, lin = next(iter(fit.linears.items()))  # M: mean score of the first layer, computed by hand
+    d = 1.0 / torch.diagonal(fit.obs_factors[name].float())
+    assert torch.isclose(ev.features["M"][0], (lin.weight.abs() * d).square().double().mean())
+    owl = next(r for r in state.cache.values() if r["tree"] == "B")
+    fit.allocation = ev.allocation(Tree.parse("B"))
+    assert fit.evaluate(sparsegpt).fitness == owl["fitness"]
+    masks_only = ModelFitness(dataclasses.replace(fitness_settings(cfg), update="none"), run)
+    masks_only.allocation = fit.allocation
+    assert masks_only.evaluate(WANDA).fitness != owl["fitness"]
+    written = json.loads((run / "allocation.json").read_text())
+    assert written["update"] == "obs" and written["metric"] == str(sparsegpt)

@@ -4,7 +4,9 @@ The same engine that evolves metrics evolves these (``search.space: allocation``
 operators, OOS, the caches, checkpoints, resume and export all apply; only the leaves differ. The
 leaves are the features of :data:`~prunerzero.primitives.registry.FEATURES`, each a vector with one
 entry per prunable layer, computed once from the dense model's scores under the run's fixed metric
-(``search.metric``, e.g. wanda).
+(``search.metric``, e.g. wanda). With ``fitness.update: obs`` the metric is a rule inside SparseGPT's
+weight update (``sparsegpt`` itself, or a shipped obs rule), and each candidate allocation is scored
+by the reconstructed model: the allocation searched for the update, not for masks alone.
 
 From the function's values v (one per layer) to sparsities, the mapping is OWL's: v is min-max
 scaled to [0, 2 lambda], centred, and subtracted from the target, so a layer with a larger value
@@ -101,6 +103,8 @@ class AllocationEvaluator(Evaluator):
             stats = layer_stats(lin.weight if "W" in uses else None,
                                 fitness.activations.get(name) if "X" in uses else None,
                                 fitness.gradients.get(name) if "G" in uses else None)
+            if "D" in uses:  # a rule inside the update: D of the dense model, from the run's stored factors
+                stats["D"] = (1.0 / torch.diagonal(fitness.obs_factors[name].float())).reshape(1, -1)
             return metric.evaluate(stats, lin.weight.shape)
 
         self.features = layer_features(fitness.model, score_fn=score, m=m)
@@ -158,7 +162,8 @@ class AllocationEvaluator(Evaluator):
         alloc = self.allocation(tree)
         if isinstance(alloc, str):
             raise UserError(f"allocation function {tree} has no allocation: {alloc}")
-        data = {**alloc.to_json(self.target), "function": str(tree), "metric": str(self.metric), "lambda": self.lam,
-                "range": [self.low, self.high], "fitness": fitness, **extra}
+        data = {**alloc.to_json(self.target), "function": str(tree), "metric": str(self.metric),
+                "update": self.fitness.settings.update, "lambda": self.lam, "range": [self.low, self.high],
+                "fitness": fitness, **extra}
         write_json(path, data)
         return data
