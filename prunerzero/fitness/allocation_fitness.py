@@ -33,6 +33,7 @@ from prunerzero.primitives.registry import FEATURES
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import OWL_LAMBDA, OWL_M, Allocation, exact_counts, outlier_ratio, owl_ratios
 from prunerzero.pruning.layer_masks import layer_stats
+from prunerzero.pruning.obs import d_of
 
 
 def _entropy(scores: torch.Tensor) -> float:
@@ -104,7 +105,7 @@ class AllocationEvaluator(Evaluator):
                                 fitness.activations.get(name) if "X" in uses else None,
                                 fitness.gradients.get(name) if "G" in uses else None)
             if "D" in uses:  # a rule inside the update: D of the dense model, from the run's stored factors
-                stats["D"] = (1.0 / torch.diagonal(fitness.obs_factors[name].float())).reshape(1, -1)
+                stats["D"] = d_of(torch.diagonal(fitness.obs_factors[name]))
             return metric.evaluate(stats, lin.weight.shape)
 
         self.features = layer_features(fitness.model, score_fn=score, m=m)

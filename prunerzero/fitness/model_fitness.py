@@ -38,6 +38,7 @@ from prunerzero.pruning.calibration import Calibration, gradients_for
 from prunerzero.pruning.equivalence import probes_from_layers
 from prunerzero.pruning.layer_masks import MaskRule, UnrankableLayer, layer_stats, model_masks
 from prunerzero.pruning.masks import PackedMasks, Pattern, check_sparsity
+from prunerzero.pruning.obs import d_of
 from prunerzero.pruning.prune import Removed, masked_weights, prune_model
 from prunerzero.pruning.stats import (
     GRADIENT_SCALE,
@@ -350,7 +351,7 @@ class ModelFitness:
             factor = self.obs_factors.get(name)
             chosen.append({"W": self.linears[name].weight.detach().abs(), "X": self.activations[name],
                            "G": None if g is None else g.clone(),
-                           "D": None if factor is None else 1.0 / torch.diagonal(factor.float())})
+                           "D": None if factor is None else d_of(torch.diagonal(factor))})
         return probes_from_layers(chosen)
 
 

@@ -34,6 +34,11 @@ BLOCKSIZE = 128
 PERCDAMP = 0.01
 
 
+def d_of(hinv_diagonal: torch.Tensor) -> torch.Tensor:
+    """The terminal ``D`` from the diagonal of ``Hinv`` (SparseGPT's ``d``): ``1 / d`` as a (1, k) row."""
+    return (1.0 / hinv_diagonal.float()).reshape(1, -1)
+
+
 def block_stats(tree: Tree, weight: torch.Tensor, d: torch.Tensor, x: torch.Tensor | None,
                 g: torch.Tensor | None, cols: slice) -> dict[str, torch.Tensor]:
     """The statistics of one block the tree reads: ``weight`` (out, k) the block's current weights,
@@ -42,7 +47,7 @@ def block_stats(tree: Tree, weight: torch.Tensor, d: torch.Tensor, x: torch.Tens
     stats: dict[str, torch.Tensor] = {"W": weight.abs()}
     terminals = tree.terminals
     if "D" in terminals:
-        stats["D"] = (1.0 / d).reshape(1, -1)
+        stats["D"] = d_of(d)
     if "X" in terminals:
         stats["X"] = finite(x.reshape(1, -1)[:, cols].float())
     if "G" in terminals:
