@@ -35,6 +35,7 @@ from prunerzero.evaluation.heldout import Cell, CellRunner, known_cell
 from prunerzero.models import pick_device
 from prunerzero.primitives.known import KNOWN_METRICS, shipped_trees, tree_update
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.allocation import OWL_LAMBDA
 
 COLUMNS = (("50%", "unstructured", 0.5, None), ("50% (first 32)", "unstructured", 0.5, 32),
            ("2:4", "2:4", 0.5, None), ("4:8", "4:8", 0.5, 32),
@@ -126,12 +127,15 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
                 data = json.loads(path.read_text())
                 run = data.get("run", path.stem)
                 own = str(Tree.parse(formulas[metric] or KNOWN_METRICS[metric].formula)) == data.get("metric")
-                if data.get("function_from") == "given":  # not the run's best: named, and with its own metric only
-                    if not own:
+                inside_update = data.get("update", "none") == "obs"
+                if inside_update and not (own or metric == "sparsegpt"):
+                    continue  # searched for one rule inside the update: that rule, and SparseGPT beside it
+                if data.get("function_from") == "given":  # not the run's best: named, with its own metric only
+                    if not (own or inside_update):
                         continue
                     run = f"{run}: {data['function']}"
-                if data.get("update", "none") == "obs" and not (own or metric == "sparsegpt"):
-                    continue  # searched for one rule inside the update: that rule, and SparseGPT beside it
+                if data.get("lambda", OWL_LAMBDA) != OWL_LAMBDA:  # a spread other than the search's default
+                    run = f"{run}, lambda {data['lambda']:g}"
                 choices.append((f"searched ({run})", os.path.relpath(path)))
             for name, allocation in choices:
                 cells.append((f"{metric} + {name}", col, cell_for(metric, formulas[metric], "unstructured", sparsity,

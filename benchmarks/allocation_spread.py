@@ -1,0 +1,118 @@
+"""One allocation function at several spreads: the fitness of an allocation search's config for
+each lambda (each layer's sparsity in ``[target - lambda, target + lambda]``; OWL's default 0.08).
+
+A searched allocation function fixes the *order* of the layers; lambda, how far apart their
+sparsities go, is fixed by the config, not searched. This measures it on the config's own fitness
+text (validation, disjoint from the calibration), the metric and update fixed as the config says, so
+the spread is chosen on validation and only the chosen allocation is measured on test. Each finished
+lambda is written to ``--out`` at once and skipped on a re-run.
+
+    python benchmarks/allocation_spread.py configs/allocation-70-obs-root4-table.yaml \\
+        --function "sub(mms(B), mms(D))" --lambdas 0.08,0.12,0.16 \\
+        --out results/allocations/spread-root4-70.json
+
+Then ``--write LAMBDA --allocation-out FILE`` writes that spread's allocation (a file ``--allocation``
+and the headline table read, ``function_from: given``) without pruning anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prunerzero.config import load_config
+from prunerzero.errors import UserError
+from prunerzero.files import read_json, write_json
+from prunerzero.fitness.allocation_fitness import AllocationEvaluator
+from prunerzero.primitives.tree import Tree
+from prunerzero.runs import model_evaluator
+
+log = logging.getLogger("allocation_spread")
+
+
+def lambdas_of(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--lambdas takes numbers separated by commas, e.g. 0.08,0.12, got {text!r}") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise UserError(f"--lambdas must each be in [0, 1), got {text!r}")
+    return values
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="an allocation search's config (search.space: allocation)")
+    p.add_argument("--function", required=True, help="the allocation function, e.g. 'sub(mms(B), mms(D))'")
+    p.add_argument("--lambdas", default="0.08,0.12,0.16", help="spreads to score, comma-separated")
+    p.add_argument("--out", required=True, help="the JSON record (finished lambdas are skipped on a re-run)")
+    p.add_argument("--write", type=float, default=None, help="write this lambda's allocation instead of scoring")
+    p.add_argument("--allocation-out", default=None, help="with --write: the allocation JSON to write")
+    p.add_argument("--run", default=None, help="with --write: the search the function came from (its label)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    cfg = load_config(args.config)
+    if cfg.search.space != "allocation":
+        raise UserError(f"{args.config} is not an allocation search (search.space: allocation)")
+    function = Tree.parse(args.function)
+    lambdas = lambdas_of(args.lambdas)
+    a = cfg.fitness.allocation
+    out = Path(args.out)
+    record: dict[str, Any] = read_json(out, "spread record") if out.is_file() else {
+        "config": args.config, "function": str(function), "metric": cfg.search.metric,
+        "update": cfg.fitness.update, "target": cfg.fitness.sparsity,
+        "calibration": f"{cfg.calibration.nsamples} x {cfg.calibration.seqlen} {cfg.calibration.source} "
+                       f"{cfg.calibration.split}, seed {cfg.calibration.seed}",
+        "fitness_text": f"{cfg.fitness.windows} x {cfg.fitness.seqlen} {cfg.fitness.text} {cfg.fitness.split} "
+                        "(disjoint from the calibration)",
+        "stats_mode": cfg.fitness.stats_mode, "by_lambda": {}}
+    if record["function"] != str(function) or record["config"] != args.config:
+        raise UserError(f"{out} records {record['function']} with {record['config']}; give another --out")
+
+    base = model_evaluator(cfg)
+    assert isinstance(base, AllocationEvaluator)
+
+    def evaluator(lam: float) -> AllocationEvaluator:
+        return AllocationEvaluator(base.fitness, base.metric, lam, a.m, a.range)
+
+    if args.write is not None:
+        if not args.allocation_out:
+            raise UserError("--write needs --allocation-out FILE")
+        measured = record["by_lambda"].get(f"{args.write:g}", {}).get("fitness")
+        evaluator(args.write).write(function, args.allocation_out, measured, run=args.run or cfg.name,
+                                    function_from="given",
+                                    made_with=f"benchmarks/allocation_spread.py {args.config} --function '{function}' "
+                                              f"--write {args.write:g}: lambda chosen on {record['fitness_text']}")
+        log.info("wrote %s (lambda %g)", args.allocation_out, args.write)
+        return
+
+    for lam in lambdas:
+        key = f"{lam:g}"
+        if key in record["by_lambda"]:
+            log.info("lambda %s: %.3f already measured, skipped", key, record["by_lambda"][key]["fitness"])
+            continue
+        ev = evaluator(lam)
+        alloc = ev.allocation(function)
+        if isinstance(alloc, str):
+            raise UserError(alloc)
+        ratios = alloc.ratios.values()
+        start = time.perf_counter()
+        result = ev.evaluate([function])[0]
+        seconds = time.perf_counter() - start
+        record["by_lambda"][key] = {"fitness": result.fitness, "seconds": round(seconds, 1),
+                                    "min_sparsity": min(ratios), "max_sparsity": max(ratios)}
+        write_json(out, record)
+        log.info("lambda %s: fitness %.3f (layers %.3f-%.3f), %.0f s", key, result.fitness, min(ratios),
+                 max(ratios), seconds)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:  # one line, status 2, as the command line does
+        log.error("%s", e)
+        raise SystemExit(2) from None
