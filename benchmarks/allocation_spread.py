@@ -60,6 +60,8 @@ def main() -> None:
         raise UserError(f"{args.config} is not an allocation search (search.space: allocation)")
     function = Tree.parse(args.function)
     lambdas = lambdas_of(args.lambdas)
+    if args.write is not None and not args.allocation_out:
+        raise UserError("--write needs --allocation-out FILE")
     a = cfg.fitness.allocation
     out = Path(args.out)
     record: dict[str, Any] = read_json(out, "spread record") if out.is_file() else {
@@ -70,8 +72,8 @@ def main() -> None:
         "fitness_text": f"{cfg.fitness.windows} x {cfg.fitness.seqlen} {cfg.fitness.text} {cfg.fitness.split} "
                         "(disjoint from the calibration)",
         "stats_mode": cfg.fitness.stats_mode, "by_lambda": {}}
-    if record["function"] != str(function) or record["config"] != args.config:
-        raise UserError(f"{out} records {record['function']} with {record['config']}; give another --out")
+    if record["function"] != str(function) or record["metric"] != cfg.search.metric:
+        raise UserError(f"{out} records {record['function']} with the metric {record['metric']}; give another --out")
 
     base = model_evaluator(cfg)
     assert isinstance(base, AllocationEvaluator)
@@ -80,8 +82,6 @@ def main() -> None:
         return AllocationEvaluator(base.fitness, base.metric, lam, a.m, a.range)
 
     if args.write is not None:
-        if not args.allocation_out:
-            raise UserError("--write needs --allocation-out FILE")
         measured = record["by_lambda"].get(f"{args.write:g}", {}).get("fitness")
         evaluator(args.write).write(function, args.allocation_out, measured, run=args.run or cfg.name,
                                     function_from="given",

@@ -149,6 +149,11 @@ def test_the_fitness_of_a_searched_allocation_is_that_of_its_counts(tmp_path):
     fit.allocation = ev.allocation(tree)
     assert fit.evaluate(WANDA).fitness == r.fitness
     fit.allocation = None
+    # and the counts are what is measured: every layer at the target is another fitness
+    sizes = ev.sizes
+    fit.allocation = exact_counts(dict.fromkeys(sizes, 0.7), sizes, 0.7, 0.3, 0.95)
+    assert fit.evaluate(WANDA).fitness != r.fitness
+    fit.allocation = None
     assert ev.same_ranking(Tree.parse("mul(D, O)"), Tree.parse("mul(O, D)"))
     assert not ev.same_ranking(Tree.parse("D"), Tree.parse("O"))
 

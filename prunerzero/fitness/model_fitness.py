@@ -206,9 +206,7 @@ class ModelFitness:
         self.tokens = fitness_tokens(tokenizer, settings.text, settings.split, settings.seqlen, settings.windows,
                                      [c.draw() for c in settings.calibrations()], settings.calibration.data_dir)
         self.calib_windows = settings.calibration.windows(tokenizer) if settings.stats_mode == "sequential" else None
-        self.allocation = self._allocation()
-        self.mask_rule = MaskRule(settings.sparsity, self.pattern,
-                                  counts=None if self.allocation is None else self.allocation.counts)
+        self.allocation = self._allocation()  # replaced per candidate by an allocation search
         self.obs_factors = run_obs_factors(model, tokenizer, source, settings, run_dir)
         self.known_masks: dict[str, float] = {}
         threads = torch.get_num_threads()
@@ -237,6 +235,12 @@ class ModelFitness:
                 return model_masks(tree, self.linears, stats_of, self.mask_rule, self._layer_pool)
         except UnrankableLayer as e:
             return str(e)
+
+    @property
+    def mask_rule(self) -> MaskRule:
+        # read at each use, never kept: an allocation search sets `allocation` for every candidate
+        return MaskRule(self.settings.sparsity, self.pattern,
+                        counts=None if self.allocation is None else self.allocation.counts)
 
     def _budget(self, budget: int | None) -> int | None:
         """None for the full budget, else a number of windows below it."""
