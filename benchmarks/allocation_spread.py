@@ -13,21 +13,29 @@ lambda is written to ``--out`` at once and skipped on a re-run.
 
 Then ``--write LAMBDA --allocation-out FILE`` writes that spread's allocation (a file ``--allocation``
 and the headline table read, ``function_from: given``) without pruning anything.
+
+``--allocation-file FILE`` instead of ``--function`` takes an allocation as a search wrote it, with
+the features it was computed from (a function's B reads the outlier ratio of *its* search's metric),
+and moves each layer ``lambda / its lambda`` times as far from the target: OWL's mapping is linear
+in lambda, so that is the same function at another spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from prunerzero.config import load_config
 from prunerzero.errors import UserError
 from prunerzero.files import read_json, write_json
 from prunerzero.fitness.allocation_fitness import AllocationEvaluator
 from prunerzero.primitives.tree import Tree
+from prunerzero.pruning.allocation import Allocation, exact_counts
 from prunerzero.runs import model_evaluator
 
 log = logging.getLogger("allocation_spread")
@@ -43,10 +51,22 @@ def lambdas_of(text: str) -> list[float]:
     return values
 
 
+def stretched(allocation: Mapping[str, float], sizes: Mapping[str, int], target: float, factor: float,
+              low: float, high: float, method: str) -> Allocation:
+    """An allocation file's sparsities moved ``factor`` times as far from the target. OWL's mapping
+    is linear in lambda, so this is the file's function at ``factor`` times its lambda (up to the
+    rounding of the counts), without its features."""
+    ratios = {n: target + factor * (r - target) for n, r in allocation.items()}
+    return exact_counts(ratios, sizes, target, low, high, method)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="an allocation search's config (search.space: allocation)")
-    p.add_argument("--function", required=True, help="the allocation function, e.g. 'sub(mms(B), mms(D))'")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--function", help="the allocation function, e.g. 'sub(mms(B), mms(D))'")
+    given.add_argument("--allocation-file", help="an allocation file (its function's features as they were "
+                                                 "computed, its sparsities stretched to each lambda)")
     p.add_argument("--lambdas", default="0.08,0.12,0.16", help="spreads to score, comma-separated")
     p.add_argument("--out", required=True, help="the JSON record (finished lambdas are skipped on a re-run)")
     p.add_argument("--write", type=float, default=None, help="write this lambda's allocation instead of scoring")
@@ -58,22 +78,35 @@ def main() -> None:
     cfg = load_config(args.config)
     if cfg.search.space != "allocation":
         raise UserError(f"{args.config} is not an allocation search (search.space: allocation)")
-    function = Tree.parse(args.function)
     lambdas = lambdas_of(args.lambdas)
     if args.write is not None and not args.allocation_out:
         raise UserError("--write needs --allocation-out FILE")
+    source: dict[str, Any] | None = None
+    if args.allocation_file:
+        source = read_json(args.allocation_file, "allocation file")
+        if not isinstance(source, dict) or not isinstance(source.get("layers"), dict) or "lambda" not in source:
+            raise UserError(f"{args.allocation_file} is not an allocation file written by prunerzero "
+                            "(it needs layers and lambda)")
+        if source.get("target") != cfg.fitness.sparsity:
+            raise UserError(f"{args.allocation_file} is for sparsity {source.get('target')}, the config for "
+                            f"{cfg.fitness.sparsity}; use prunerzero allocate for another target")
+        function = Tree.parse(source["function"])
+    else:
+        function = Tree.parse(args.function)
     a = cfg.fitness.allocation
     out = Path(args.out)
     record: dict[str, Any] = read_json(out, "spread record") if out.is_file() else {
         "config": args.config, "function": str(function), "metric": cfg.search.metric,
-        "update": cfg.fitness.update, "target": cfg.fitness.sparsity,
+        "allocation_file": args.allocation_file, "update": cfg.fitness.update, "target": cfg.fitness.sparsity,
         "calibration": f"{cfg.calibration.nsamples} x {cfg.calibration.seqlen} {cfg.calibration.source} "
                        f"{cfg.calibration.split}, seed {cfg.calibration.seed}",
         "fitness_text": f"{cfg.fitness.windows} x {cfg.fitness.seqlen} {cfg.fitness.text} {cfg.fitness.split} "
                         "(disjoint from the calibration)",
         "stats_mode": cfg.fitness.stats_mode, "by_lambda": {}}
-    if record["function"] != str(function) or record["metric"] != cfg.search.metric:
-        raise UserError(f"{out} records {record['function']} with the metric {record['metric']}; give another --out")
+    if (record["function"], record["metric"], record.get("allocation_file")) != (
+            str(function), cfg.search.metric, args.allocation_file):
+        raise UserError(f"{out} records {record['function']} (file {record.get('allocation_file')}) with the metric "
+                        f"{record['metric']}; give another --out")
 
     base = model_evaluator(cfg)
     assert isinstance(base, AllocationEvaluator)
@@ -81,30 +114,48 @@ def main() -> None:
     def evaluator(lam: float) -> AllocationEvaluator:
         return AllocationEvaluator(base.fitness, base.metric, lam, a.m, a.range)
 
+    def allocation_at(lam: float) -> Allocation:
+        if source is None:
+            alloc = evaluator(lam).allocation(function)
+            if isinstance(alloc, str):
+                raise UserError(alloc)
+            return alloc
+        return stretched(source["layers"], base.sizes, cfg.fitness.sparsity, lam / source["lambda"],
+                         a.range[0], a.range[1], f"searched:{function}")
+
     if args.write is not None:
         measured = record["by_lambda"].get(f"{args.write:g}", {}).get("fitness")
-        evaluator(args.write).write(function, args.allocation_out, measured, run=args.run or cfg.name,
-                                    function_from="given",
-                                    made_with=f"benchmarks/allocation_spread.py {args.config} --function '{function}' "
-                                              f"--write {args.write:g}: lambda chosen on {record['fitness_text']}")
+        made_with = (f"benchmarks/allocation_spread.py {args.config} "
+                     + (f"--allocation-file {args.allocation_file}" if source else f"--function '{function}'")
+                     + f" --write {args.write:g}: lambda chosen on {record['fitness_text']}")
+        data = {**allocation_at(args.write).to_json(cfg.fitness.sparsity), "function": str(function),
+                "metric": str(base.metric),  # the rule it is for
+                "update": cfg.fitness.update, "lambda": args.write, "range": list(a.range), "fitness": measured,
+                "run": args.run or (source or {}).get("run") or cfg.name, "function_from": "given",
+                "made_with": made_with}
+        if source:  # the function's features were those of the file's own metric
+            data["features_from"] = source.get("metric")
+        write_json(Path(args.allocation_out), data)
         log.info("wrote %s (lambda %g)", args.allocation_out, args.write)
         return
 
+    command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
     for lam in lambdas:
         key = f"{lam:g}"
         if key in record["by_lambda"]:
             log.info("lambda %s: %.3f already measured, skipped", key, record["by_lambda"][key]["fitness"])
             continue
-        ev = evaluator(lam)
-        alloc = ev.allocation(function)
-        if isinstance(alloc, str):
-            raise UserError(alloc)
+        alloc = allocation_at(lam)
         ratios = alloc.ratios.values()
         start = time.perf_counter()
-        result = ev.evaluate([function])[0]
+        base.fitness.allocation = alloc
+        try:
+            result = base.fitness.evaluate(base.metric)
+        finally:
+            base.fitness.allocation = None
         seconds = time.perf_counter() - start
         record["by_lambda"][key] = {"fitness": result.fitness, "seconds": round(seconds, 1),
-                                    "min_sparsity": min(ratios), "max_sparsity": max(ratios)}
+                                    "min_sparsity": min(ratios), "max_sparsity": max(ratios), "command": command}
         write_json(out, record)
         log.info("lambda %s: fitness %.3f (layers %.3f-%.3f), %.0f s", key, result.fitness, min(ratios),
                  max(ratios), seconds)

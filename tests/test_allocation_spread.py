@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from prunerzero.config import load_config
@@ -43,6 +44,7 @@ def test_each_lambda_is_the_fitness_of_its_allocation_and_is_measured_once(tmp_p
     assert done.returncode == 0, done.stderr
     record = json.loads(out.read_text())
     assert set(record["by_lambda"]) == {"0", "0.1"} and record["metric"] == "wanda"
+    assert "--lambdas 0,0.1" in record["by_lambda"]["0.1"]["command"]
 
     # measured independently in this process: lambda 0 is the uniform allocation, 0.1 the function's
     cfg = load_config(config)
@@ -75,14 +77,27 @@ def test_each_lambda_is_the_fitness_of_its_allocation_and_is_measured_once(tmp_p
     model_sizes = {n: lin.weight.numel() for n, lin in prunable_linears(tiny_llama()).items()}
     assert load_allocation(alloc, model_sizes, 0.7, 0.3, 0.95).total == round(0.7 * sum(model_sizes.values()))
 
+    # an allocation file stretched: at its own lambda it is the file, at twice it the function at twice
+    from_file = tmp_path / "from-file.json"
+    done = spread(str(config), "--allocation-file", str(alloc), "--lambdas", "0.1,0.2", "--out", str(from_file))
+    assert done.returncode == 0, done.stderr
+    by_file = json.loads(from_file.read_text())["by_lambda"]
+    assert by_file["0.1"]["fitness"] == record["by_lambda"]["0.1"]["fitness"]
+    assert by_file["0.2"]["min_sparsity"] == pytest.approx(json.loads(out.read_text())["by_lambda"]["0.2"]["min_sparsity"],
+                                                           abs=1e-3)
+    assert by_file["0.2"]["max_sparsity"] - by_file["0.2"]["min_sparsity"] > 0.3
+
     # bad input: one line, status 2, nothing written
     for bad, message in ((["--lambdas", "1.5"], "must each be in [0, 1)"),
                          (["--lambdas", "a,b"], "numbers separated by commas"),
-                         (["--function", "mul(B, D)", "--out", str(tmp_path / "other.json"), "--write", "0.1"],
-                          "needs --allocation-out")):
+                         (["--out", str(tmp_path / "other.json"), "--write", "0.1"], "needs --allocation-out")):
         argv = [str(config), "--function", FUNCTION, "--out", str(tmp_path / "bad.json"), *bad]
         failed = spread(*argv)
         assert failed.returncode == 2 and message in failed.stderr, failed.stderr
+    not_a_file = tmp_path / "not-an-allocation.json"
+    not_a_file.write_text(json.dumps({"layers": {}}))
+    failed = spread(str(config), "--allocation-file", str(not_a_file), "--out", str(tmp_path / "bad.json"))
+    assert failed.returncode == 2 and "needs layers and lambda" in failed.stderr, failed.stderr
     assert not (tmp_path / "bad.json").exists()
     wrong_function = spread(str(config), "--function", "O", "--lambdas", "0", "--out", str(out))
     assert wrong_function.returncode == 2 and "give another --out" in wrong_function.stderr
