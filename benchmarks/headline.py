@@ -130,7 +130,7 @@ def allocation_cells(formulas: dict[str, str | None]) -> list[tuple[str, str, Ce
                 inside_update = data.get("update", "none") == "obs"
                 if inside_update and not (own or metric == "sparsegpt"):
                     continue  # searched for one rule inside the update: that rule, and SparseGPT beside it
-                if data.get("function_from") == "given":  # not the run's best: named, with its own metric only
+                if data.get("function_from") == "given":  # not the run's best: named; its own rule (and SparseGPT)
                     if not (own or inside_update):
                         continue
                     run = f"{run}: {data['function']}"
