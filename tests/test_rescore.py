@@ -11,6 +11,7 @@ import yaml
 
 from prunerzero import data
 from prunerzero.cli import main
+from prunerzero.config import config_from_dict
 from prunerzero.errors import UserError
 from prunerzero.evaluation import rescore
 from prunerzero.fitness.model_fitness import ModelFitness
@@ -108,6 +109,13 @@ def test_rescore_measures_the_top_trees_and_baselines_once_and_resumes(small_run
 def test_rescore_refuses_bad_input_with_one_clear_line(small_run, capsys, extra, words):
     assert main(["rescore", str(small_run), "--seqlen", "48", *extra]) == 2
     assert words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_rescore_refuses_a_multi_setting_run_rather_than_measure_a_setting_it_never_scored(tmp_path):
+    cfg = config_from_dict({"name": "m", "output_dir": str(tmp_path),
+                            "fitness": {"settings": [{"pattern": "2:4"}, {"sparsity": 0.7, "allocation": "owl"}]}})
+    with pytest.raises(UserError, match="scored 2 settings together"):
+        rescore.rescore_run(tmp_path / "m", cfg, rescore.RescoreSettings())
 
 
 def test_rescore_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -112,6 +112,10 @@ def rescore_run(run_dir: Path, cfg: Any, settings: RescoreSettings) -> dict[str,
         raise UserError(f"{run_dir} searched allocation functions, not metrics; there is nothing to re-score")
     if cfg.evaluator.type == "reconstruction":
         raise UserError(f"{run_dir} used the reconstruction fitness (no model, no text); re-score needs a model run")
+    if cfg.fitness.settings is not None:  # a re-score measures one setting: which one would be a guess
+        raise UserError(f"{run_dir} scored {len(cfg.fitness.settings)} settings together; re-score measures one "
+                        "setting and does not take a multi-setting run yet: measure its trees with "
+                        "`prunerzero prune --tree FORMULA` (test) or benchmarks/fitness_of.py (its own validation text)")
     state, _ = run_state(run_dir)
     top = best_trees(state, settings.top)
     if not top:
