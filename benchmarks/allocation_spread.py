@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from prunerzero.config import load_config
 from prunerzero.errors import UserError
 from prunerzero.files import read_json, write_json
-from prunerzero.fitness.allocation_fitness import AllocationEvaluator
+from prunerzero.fitness.allocation_fitness import AllocationEvaluator, allocation_of
 from prunerzero.primitives.tree import Tree
 from prunerzero.pruning.allocation import Allocation, exact_counts
 from prunerzero.runs import model_evaluator
@@ -111,15 +111,10 @@ def main() -> None:
     base = model_evaluator(cfg)
     assert isinstance(base, AllocationEvaluator)
 
-    def evaluator(lam: float) -> AllocationEvaluator:
-        return AllocationEvaluator(base.fitness, base.metric, lam, a.m, a.range)
-
     def allocation_at(lam: float) -> Allocation:
         if source is None:
-            alloc = evaluator(lam).allocation(function)
-            if isinstance(alloc, str):
-                raise UserError(alloc)
-            return alloc
+            # the run's features, computed once by the evaluator; only the spread changes
+            return allocation_of(function, base.features, base.sizes, cfg.fitness.sparsity, lam, a.range[0], a.range[1])
         return stretched(source["layers"], base.sizes, cfg.fitness.sparsity, lam / source["lambda"],
                          a.range[0], a.range[1], f"searched:{function}")
 
